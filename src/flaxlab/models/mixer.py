@@ -1,0 +1,141 @@
+"""MLP-Mixer (Tolstikhin et al. 2021, arXiv 2105.01601).
+
+As google-research/vision_transformer ``vit_jax/models_mixer.py``: a stride-P convolution stem,
+blocks of token mixing (an MLP across patches) and channel mixing (an MLP across features), each
+after a LayerNorm and with a residual, a final LayerNorm, global average pooling and a
+zero-initialised head. Inputs are NHWC images scaled to [-1, 1].
+
+Example:
+  >>> config = MixerConfig.variant("B/16", num_classes=10)
+  >>> model = Mixer(config, rngs=nnx.Rngs(0))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxlab.models.common import check_images, resolve_dtype, to_pair
+from flaxlab.nn.transformer import LAYERNORM_EPSILON, drop_path, gelu
+
+# name: (hidden_size, num_blocks, tokens_mlp_dim, channels_mlp_dim), as in the reference.
+MIXER_SIZES = {
+    "S": (512, 8, 256, 2048),
+    "B": (768, 12, 384, 3072),
+    "L": (1024, 24, 512, 4096),
+}
+MIXER_PATCHES = (16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+    """Configuration of a :class:`Mixer`. Build named variants with :meth:`variant`."""
+
+    num_classes: int = 10
+    image_size: tuple[int, int] = (224, 224)
+    num_channels: int = 3
+    patch_size: tuple[int, int] = (16, 16)
+    hidden_size: int = 768
+    num_blocks: int = 12
+    tokens_mlp_dim: int = 384
+    channels_mlp_dim: int = 3072
+    drop_path_rate: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", to_pair(self.image_size, "image_size"))
+        object.__setattr__(self, "patch_size", to_pair(self.patch_size, "patch_size"))
+        for size, patch, axis in zip(self.image_size, self.patch_size, ("height", "width")):
+            if size % patch:
+                raise ValueError(
+                    f"image {axis} {size} is not a multiple of the patch size {patch}"
+                )
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes={self.num_classes} must be >= 1")
+        resolve_dtype(self.dtype)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size[0] // self.patch_size[0]) * (
+            self.image_size[1] // self.patch_size[1]
+        )
+
+    @classmethod
+    def variant(cls, name: str, **overrides) -> MixerConfig:
+        """A named reference variant, e.g. ``"B/16"`` (size S/B/L, patch 16/32)."""
+        try:
+            size, patch = name.split("/")
+            hidden, blocks, tokens_mlp, channels_mlp = MIXER_SIZES[size]
+            patch = int(patch)
+            if patch not in MIXER_PATCHES:
+                raise KeyError(patch)
+        except (ValueError, KeyError):
+            names = [f"{s}/{p}" for s in MIXER_SIZES for p in MIXER_PATCHES]
+            raise ValueError(f"unknown Mixer variant {name!r}; accepted: {names}") from None
+        fields = dict(
+            hidden_size=hidden, num_blocks=blocks, tokens_mlp_dim=tokens_mlp,
+            channels_mlp_dim=channels_mlp, patch_size=(patch, patch),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class MixerMlp(nnx.Module):
+    """Dense -> GELU -> Dense (no dropout, as the reference)."""
+
+    def __init__(self, features: int, mlp_dim: int, *, dtype=None, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(features, mlp_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_dim, features, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class MixerBlock(nnx.Module):
+    """x + TokenMLP(LN(x)^T)^T; x + ChannelMLP(LN(x))."""
+
+    def __init__(self, config: MixerConfig, drop_path_rate: float, *, rngs: nnx.Rngs):
+        c, dtype = config, resolve_dtype(config.dtype)
+        self.norm1 = nnx.LayerNorm(c.hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
+        self.token_mixing = MixerMlp(c.num_patches, c.tokens_mlp_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(c.hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
+        self.channel_mixing = MixerMlp(c.hidden_size, c.channels_mlp_dim, dtype=dtype, rngs=rngs)
+        self.drop_path_rate = drop_path_rate
+
+    def __call__(self, x, *, deterministic=True, rngs=None):
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        y = self.token_mixing(jnp.swapaxes(self.norm1(x), 1, 2))
+        x = x + drop_path(jnp.swapaxes(y, 1, 2), self.drop_path_rate, **kw)
+        return x + drop_path(self.channel_mixing(self.norm2(x)), self.drop_path_rate, **kw)
+
+
+class Mixer(nnx.Module):
+    """MLP-Mixer classifier: ``model(images) -> logits``."""
+
+    def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+        self.config = c = config
+        dtype = resolve_dtype(c.dtype)
+        self.stem = nnx.Conv(
+            c.num_channels, c.hidden_size, kernel_size=c.patch_size, strides=c.patch_size,
+            padding="VALID", dtype=dtype, rngs=rngs,
+        )
+        self.blocks = nnx.List([
+            MixerBlock(c, c.drop_path_rate * i / max(c.num_blocks - 1, 1), rngs=rngs)
+            for i in range(c.num_blocks)
+        ])
+        self.pre_head_norm = nnx.LayerNorm(c.hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
+        self.head = nnx.Linear(
+            c.hidden_size, c.num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs
+        )
+
+    def __call__(self, images, *, deterministic=True, rngs=None):
+        c = self.config
+        check_images(images, c.image_size, c.num_channels, "Mixer")
+        x = self.stem(images)
+        x = x.reshape(x.shape[0], -1, c.hidden_size)
+        for block in self.blocks:
+            x = block(x, deterministic=deterministic, rngs=rngs)
+        x = self.pre_head_norm(x).mean(axis=1)
+        return self.head(x).astype(jnp.float32)
