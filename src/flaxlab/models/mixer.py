@@ -49,9 +49,7 @@ class MixerConfig:
         object.__setattr__(self, "patch_size", to_pair(self.patch_size, "patch_size"))
         for size, patch, axis in zip(self.image_size, self.patch_size, ("height", "width")):
             if size % patch:
-                raise ValueError(
-                    f"image {axis} {size} is not a multiple of the patch size {patch}"
-                )
+                raise ValueError(f"image {axis} {size} is not a multiple of the patch size {patch}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes} must be >= 1")
         resolve_dtype(self.dtype)
@@ -75,8 +73,11 @@ class MixerConfig:
             names = [f"{s}/{p}" for s in MIXER_SIZES for p in MIXER_PATCHES]
             raise ValueError(f"unknown Mixer variant {name!r}; accepted: {names}") from None
         fields = dict(
-            hidden_size=hidden, num_blocks=blocks, tokens_mlp_dim=tokens_mlp,
-            channels_mlp_dim=channels_mlp, patch_size=(patch, patch),
+            hidden_size=hidden,
+            num_blocks=blocks,
+            tokens_mlp_dim=tokens_mlp,
+            channels_mlp_dim=channels_mlp,
+            patch_size=(patch, patch),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -118,13 +119,20 @@ class Mixer(nnx.Module):
         self.config = c = config
         dtype = resolve_dtype(c.dtype)
         self.stem = nnx.Conv(
-            c.num_channels, c.hidden_size, kernel_size=c.patch_size, strides=c.patch_size,
-            padding="VALID", dtype=dtype, rngs=rngs,
+            c.num_channels,
+            c.hidden_size,
+            kernel_size=c.patch_size,
+            strides=c.patch_size,
+            padding="VALID",
+            dtype=dtype,
+            rngs=rngs,
         )
-        self.blocks = nnx.List([
-            MixerBlock(c, c.drop_path_rate * i / max(c.num_blocks - 1, 1), rngs=rngs)
-            for i in range(c.num_blocks)
-        ])
+        self.blocks = nnx.List(
+            [
+                MixerBlock(c, c.drop_path_rate * i / max(c.num_blocks - 1, 1), rngs=rngs)
+                for i in range(c.num_blocks)
+            ]
+        )
         self.pre_head_norm = nnx.LayerNorm(c.hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
         self.head = nnx.Linear(
             c.hidden_size, c.num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs

@@ -67,9 +67,7 @@ class ViTConfig:
             )
         for size, patch, axis in zip(self.image_size, self.patch_size, ("height", "width")):
             if size % patch:
-                raise ValueError(
-                    f"image {axis} {size} is not a multiple of the patch size {patch}"
-                )
+                raise ValueError(f"image {axis} {size} is not a multiple of the patch size {patch}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
@@ -95,7 +93,10 @@ class ViTConfig:
             names = [f"{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES]
             raise ValueError(f"unknown ViT variant {name!r}; accepted: {names}") from None
         fields = dict(
-            hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_dim=mlp,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            mlp_dim=mlp,
             patch_size=(patch, patch),
         )
         fields.update(overrides)
@@ -110,8 +111,13 @@ class ViT(nnx.Module):
         c = config
         dtype = resolve_dtype(c.dtype)
         self.embedding = nnx.Conv(
-            c.num_channels, c.hidden_size, kernel_size=c.patch_size, strides=c.patch_size,
-            padding="VALID", dtype=dtype, rngs=rngs,
+            c.num_channels,
+            c.hidden_size,
+            kernel_size=c.patch_size,
+            strides=c.patch_size,
+            padding="VALID",
+            dtype=dtype,
+            rngs=rngs,
         )
         num_tokens = c.grid_size[0] * c.grid_size[1]
         if c.classifier == "token":
@@ -133,9 +139,15 @@ class ViT(nnx.Module):
         """The transformer stack; V-MoE overrides this to insert expert layers."""
         c = self.config
         return Encoder(
-            c.hidden_size, c.num_layers, c.num_heads, c.mlp_dim, dropout_rate=c.dropout_rate,
-            drop_path_rate=c.drop_path_rate, attention=c.attention,
-            dtype=resolve_dtype(c.dtype), rngs=rngs,
+            c.hidden_size,
+            c.num_layers,
+            c.num_heads,
+            c.mlp_dim,
+            dropout_rate=c.dropout_rate,
+            drop_path_rate=c.drop_path_rate,
+            attention=c.attention,
+            dtype=resolve_dtype(c.dtype),
+            rngs=rngs,
         )
 
     def embed(self, images, *, deterministic=True, rngs=None):

@@ -141,9 +141,7 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}"
-            )
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         config = config or AttentionConfig()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads

@@ -27,18 +27,32 @@ class MlpBlock(nnx.Module):
     """Dense(mlp_dim) -> GELU -> dropout -> Dense(out) -> dropout."""
 
     def __init__(
-        self, in_features: int, mlp_dim: int, out_features: int | None = None, *,
-        dropout_rate: float = 0.0, dtype=None, rngs: nnx.Rngs,
+        self,
+        in_features: int,
+        mlp_dim: int,
+        out_features: int | None = None,
+        *,
+        dropout_rate: float = 0.0,
+        dtype=None,
+        rngs: nnx.Rngs,
     ):
         kernel_init = nnx.initializers.xavier_uniform()
         bias_init = nnx.initializers.normal(stddev=1e-6)
         out_features = out_features or in_features
         self.fc1 = nnx.Linear(
-            in_features, mlp_dim, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+            in_features,
+            mlp_dim,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
             rngs=rngs,
         )
         self.fc2 = nnx.Linear(
-            mlp_dim, out_features, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+            mlp_dim,
+            out_features,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
             rngs=rngs,
         )
         self.dropout = nnx.Dropout(dropout_rate)
@@ -65,8 +79,15 @@ class EncoderBlock(nnx.Module):
     """x + Attention(LN(x)); x + MLP(LN(x)), with dropout and optional drop-path."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_dim: int, *, dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0, attention: AttentionConfig | None = None, dtype=None,
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        dropout_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attention: AttentionConfig | None = None,
+        dtype=None,
         rngs: nnx.Rngs,
     ):
         self.norm1 = nnx.LayerNorm(hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
@@ -92,18 +113,33 @@ class Encoder(nnx.Module):
     """A stack of pre-LN encoder blocks followed by a final LayerNorm."""
 
     def __init__(
-        self, hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int, *,
-        dropout_rate: float = 0.0, drop_path_rate: float = 0.0,
-        attention: AttentionConfig | None = None, dtype=None, rngs: nnx.Rngs,
+        self,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        dropout_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attention: AttentionConfig | None = None,
+        dtype=None,
+        rngs: nnx.Rngs,
     ):
-        self.blocks = nnx.List([
-            EncoderBlock(
-                hidden_size, num_heads, mlp_dim, dropout_rate=dropout_rate,
-                drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
-                attention=attention, dtype=dtype, rngs=rngs,
-            )
-            for i in range(num_layers)
-        ])
+        self.blocks = nnx.List(
+            [
+                EncoderBlock(
+                    hidden_size,
+                    num_heads,
+                    mlp_dim,
+                    dropout_rate=dropout_rate,
+                    drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
+                    attention=attention,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(num_layers)
+            ]
+        )
         self.encoder_norm = nnx.LayerNorm(hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
 
     def __call__(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):

@@ -1,0 +1,297 @@
+"""The experiment configuration: frozen dataclasses, JSON round trip, ``--set`` overrides.
+
+An :class:`ExperimentConfig` names a model family (whose config dataclass is ``model``), a task
+and the data, optimizer and training settings. It is written to ``config.json`` in the work
+directory so that ``flaxlab eval`` and ``flaxlab predict`` rebuild exactly the trained model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from typing import Any
+
+from flaxlab.models.registry import model_config_class
+from flaxlab.optim.factory import OPTIMIZERS
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data come from and how they are batched.
+
+    Attributes:
+      name: ``digits`` (bundled), ``npz``, ``image_folder``, ``cifar`` or ``text`` (LM tasks).
+      path: training data for ``npz``/``image_folder``/``cifar``/``text``.
+      eval_path: evaluation data (defaults: digits' test split, CIFAR's test batch).
+      batch_size: global training batch size (divisible by the number of devices).
+      eval_batch_size: evaluation batch size.
+      crop_padding: random-crop augmentation: pad by this many pixels, crop back.
+      flip: random left-right flips.
+      seed: data order and augmentation seed.
+      seq_len: sequence length for text tasks.
+    """
+
+    name: str = "digits"
+    path: str | None = None
+    eval_path: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    crop_padding: int = 0
+    flip: bool = False
+    seed: int = 0
+    seq_len: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+      name: ``adamw``, ``sgd`` (with momentum) or ``amos``.
+      learning_rate: peak learning rate (Amos: its global scale ``xi``).
+      warmup_steps: linear warmup from 0 to the peak.
+      decay: after warmup, ``cosine``, ``linear`` or ``constant``.
+      end_learning_rate_factor: final learning rate as a fraction of the peak.
+      weight_decay: decoupled weight decay (AdamW, SGD); Amos decays adaptively itself.
+      b1, b2, eps: Adam moments.
+      momentum, nesterov: SGD momentum.
+      grad_clip_norm: clip the global gradient norm to this (None: no clipping).
+      grad_accum_steps: split each batch into this many micro-batches and sum their gradients.
+      amos_beta, amos_momentum, amos_clip_value, amos_extra_l2: Amos settings (see
+        :func:`flaxlab.optim.amos`).
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    end_learning_rate_factor: float = 0.0
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    grad_clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    amos_beta: float = 0.999
+    amos_momentum: float | None = 0.9
+    amos_clip_value: float | None = 1.0
+    amos_extra_l2: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+      steps: total training steps.
+      seed: parameter initialisation and dropout seed.
+      log_every: write training metrics every N steps (the only host sync in the loop).
+      eval_every: evaluate every N steps (0: only at the end).
+      checkpoint_every: save a checkpoint every N steps (and at the end).
+      keep_checkpoints: keep the last K checkpoints.
+      label_smoothing: classification label smoothing.
+      ema_decay: keep an exponential moving average of the parameters (0: off); evaluation
+        and prediction then use the average.
+      warm_start: a work directory or checkpoint directory to initialise from.
+      warm_start_optimizer: also take the optimizer state (e.g. Amos slots) from it.
+      best_metric, best_mode, keep_best: ``flaxlab eval --watch`` keeps the best K checkpoints
+        by this evaluation metric (``max`` or ``min``).
+      tensorboard: also write TensorBoard event files (needs the ``tb`` extra).
+    """
+
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    warm_start: str | None = None
+    warm_start_optimizer: bool = False
+    best_metric: str = "accuracy"
+    best_mode: str = "max"
+    keep_best: int = 1
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: model family + task + data + optimizer + training loop."""
+
+    family: str
+    task: str
+    model: Any
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    description: str = ""
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Checks the values that the dataclasses' types cannot."""
+    choices = {
+        "optimizer.name": (config.optimizer.name, tuple(OPTIMIZERS)),
+        "optimizer.decay": (config.optimizer.decay, ("cosine", "linear", "constant")),
+        "train.best_mode": (config.train.best_mode, ("max", "min")),
+        "data.name": (config.data.name, ("digits", "npz", "image_folder", "cifar", "text")),
+    }
+    for field, (value, accepted) in choices.items():
+        if value not in accepted:
+            raise ValueError(f"{field}={value!r} is not supported; accepted: {list(accepted)}")
+    positive = {
+        "train.steps": config.train.steps,
+        "train.log_every": config.train.log_every,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
+        "data.batch_size": config.data.batch_size,
+        "data.eval_batch_size": config.data.eval_batch_size,
+        "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
+    }
+    for field, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{field}={value} must be >= 1")
+    if config.data.batch_size % config.optimizer.grad_accum_steps:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} is not divisible by "
+            f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
+        )
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={config.train.ema_decay} must be in [0, 1)")
+    if not 0.0 <= config.train.label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing={config.train.label_smoothing} must be in [0, 1)")
+    if config.optimizer.learning_rate <= 0:
+        raise ValueError(f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+
+
+# ----------------------------------------------------------------------------- JSON round trip
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A dataclass tree as plain JSON-able dicts (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(value, hint):
+    """Rebuilds a JSON value as the annotated type (dataclasses, tuples, optionals)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0])
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return dataclass_from_dict(hint, value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def dataclass_from_dict(cls, data: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {unknown}; fields: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Inverse of :func:`to_dict` for an :class:`ExperimentConfig`."""
+    data = dict(data)
+    model_cls = model_config_class(data["family"])
+    data["model"] = dataclass_from_dict(model_cls, data["model"])
+    for key, cls in (("data", DataConfig), ("optimizer", OptimizerConfig), ("train", TrainConfig)):
+        if key in data:
+            data[key] = dataclass_from_dict(cls, data[key])
+    return ExperimentConfig(**data)
+
+
+# ----------------------------------------------------------------------------- --set overrides
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_value(text: str, hint, field: str):
+    """Parses ``text`` as the annotated type, naming the field and type on failure."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.strip().lower() in ("none", "null") and len(args) < len(typing.get_args(hint)):
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return parse_value(text, arg, field)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if hint is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{field}={text!r}: expected a bool (true/false)")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{field}={text!r}: expected an int") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{field}={text!r}: expected a float") from None
+    if hint is str:
+        return text
+    if origin is tuple:
+        items = [t for t in text.strip("()[] ").split(",") if t.strip()]
+        args = typing.get_args(hint)
+        item_hint = args[0] if args else str
+        if args and args[-1] is not Ellipsis and len(args) != len(items):
+            raise ValueError(f"{field}={text!r}: expected {len(args)} comma-separated values")
+        return tuple(parse_value(t.strip(), item_hint, field) for t in items)
+    if hint is Any:
+        return text
+    raise ValueError(f"{field}: cannot set a field of type {hint} from the command line")
+
+
+def apply_override(config, path: str, text: str, prefix: str = ""):
+    """Returns a copy of a dataclass tree with the dotted field ``path`` set from ``text``."""
+    head, _, rest = path.partition(".")
+    fields = sorted(f.name for f in dataclasses.fields(config))
+    if head not in fields:
+        near = difflib.get_close_matches(head, fields, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(prefix + n for n in near)}? " if near else ""
+        raise ValueError(
+            f"unknown field {prefix + head!r}; {hint}valid fields here: "
+            f"{', '.join(prefix + v for v in fields)}"
+        )
+    current = getattr(config, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"{prefix + head!r} is a value, not a group of fields")
+        value = apply_override(current, rest, text, prefix + head + ".")
+    else:
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"{prefix + head!r} is a group of fields; set one of its fields")
+        hint = typing.get_type_hints(type(config))[head]
+        value = parse_value(text, hint, prefix + head)
+    return dataclasses.replace(config, **{head: value})
+
+
+def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Applies ``["train.steps=100", "model.hidden_size=64", ...]`` in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} must look like field.path=value")
+        path, text = item.split("=", 1)
+        config = apply_override(config, path.strip(), text.strip())
+    return config
