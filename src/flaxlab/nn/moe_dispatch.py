@@ -1,0 +1,185 @@
+"""Dispatch tokens to experts and combine their outputs, three ways, plus the expert MLP maths.
+
+Shapes: tokens ``x`` are ``(G, S, D)``; an expert buffer is ``(G, E, C, D)`` (slot ``c`` of expert
+``e`` for group ``g``); routing comes from :mod:`flaxlab.nn.moe_routing`.
+
+``dispatch_kind``:
+
+* ``"einsum"``: the V-MoE reference's one-hot einsums with the ``(G, S, E, C)`` dispatch and
+  combine tensors. Memory and FLOPs grow as ``S * E * C ~ S**2 * K * capacity_factor`` per group.
+* ``"indices"``: gathers with the compact (expert, position) indices; linear in ``S``.
+  Identical outputs to ``"einsum"``.
+* ``"ragged"``: dropless (top-k routing only): every assignment is processed, whatever the
+  capacity, by sorting the ``S * K`` assignments by expert and running the expert MLP as grouped
+  matmuls (:func:`jax.lax.ragged_dot`). Equal to the other two wherever no assignment is dropped.
+
+The expert MLP is ``Dense -> tanh-GELU -> Dense`` with biases, per expert, with parameters
+``fc1_kernel (E, D, H)``, ``fc1_bias (E, H)``, ``fc2_kernel (E, H, O)``, ``fc2_bias (E, O)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flaxlab.nn.moe_routing import ExpertsChoiceRouting, TopKRouting
+
+DISPATCH_KINDS = ("einsum", "indices", "ragged")
+
+Routing = TopKRouting | ExpertsChoiceRouting
+
+
+def check_dispatch_kind(kind: str, routing_kind: str = "top_k") -> None:
+    """Raises ValueError for an unknown dispatch kind or ragged with experts-choice routing."""
+    if kind not in DISPATCH_KINDS:
+        raise ValueError(f"dispatch_kind={kind!r} is unknown; accepted: {DISPATCH_KINDS}.")
+    if kind == "ragged" and routing_kind != "top_k":
+        raise ValueError(
+            "dispatch_kind='ragged' (dropless) needs top-k routing; experts-choice routing has "
+            "a fixed load per expert, use 'indices' or 'einsum'."
+        )
+
+
+def dispatch(x: jax.Array, routing: Routing, kind: str = "indices") -> jax.Array:
+    """Places tokens in the expert buffers: ``(G, S, D) -> (G, E, C, D)``; empty slots are 0.
+
+    ``buffer[g, e, c] = sum_s dispatch[g, s, e, c] * x[g, s]``.
+
+    Args:
+      x: ``(G, S, D)`` tokens.
+      routing: a :class:`TopKRouting` or :class:`ExpertsChoiceRouting`.
+      kind: ``"einsum"`` or ``"indices"`` (the dropless path has no buffers).
+
+    Returns:
+      ``(G, E, C, D)`` expert inputs.
+    """
+    if kind == "einsum":
+        return jnp.einsum("gsec,gsd->gecd", routing.dispatch.astype(x.dtype), x)
+    if kind != "indices":
+        raise ValueError(f"dispatch() takes kind 'einsum' or 'indices', not {kind!r}.")
+    num_groups, num_tokens, dim = x.shape
+    num_experts, capacity = routing.num_experts, routing.capacity
+    if isinstance(routing, ExpertsChoiceRouting):
+        token_of_slot = routing.token_index.reshape(num_groups, -1)
+        buffer = jnp.take_along_axis(x, token_of_slot[..., None], axis=1)
+        return buffer.reshape(num_groups, num_experts, capacity, dim)
+    # Which token sits in each slot (sentinel S = empty), then one gather of rows.
+    slot = routing.expert_index * capacity + routing.position
+    slot = jnp.where(routing.valid, slot, num_experts * capacity)  # out of range: dropped
+    token = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], slot.shape[1:])
+    token_of_slot = jax.vmap(
+        lambda s: (
+            jnp.full((num_experts * capacity,), num_tokens, jnp.int32)
+            .at[s.reshape(-1)]
+            .set(token.reshape(-1), mode="drop")
+        )
+    )(slot)
+    x_padded = jnp.concatenate([x, jnp.zeros((num_groups, 1, dim), x.dtype)], axis=1)
+    buffer = jnp.take_along_axis(x_padded, token_of_slot[..., None], axis=1)
+    return buffer.reshape(num_groups, num_experts, capacity, dim)
+
+
+def combine(y: jax.Array, routing: Routing, kind: str = "indices") -> jax.Array:
+    """Weighted sum of the expert outputs of each token: ``(G, E, C, O) -> (G, S, O)``.
+
+    ``out[g, s] = sum_{e, c} combine[g, s, e, c] * y[g, e, c]``.
+
+    Args:
+      y: ``(G, E, C, O)`` expert outputs.
+      routing: the routing that :func:`dispatch` used.
+      kind: ``"einsum"`` or ``"indices"``.
+
+    Returns:
+      ``(G, S, O)`` combined outputs.
+    """
+    if kind == "einsum":
+        return jnp.einsum("gsec,gecd->gsd", routing.combine.astype(y.dtype), y)
+    if kind != "indices":
+        raise ValueError(f"combine() takes kind 'einsum' or 'indices', not {kind!r}.")
+    num_groups, num_experts, capacity, out_dim = y.shape
+    flat = y.reshape(num_groups, num_experts * capacity, out_dim)
+    if isinstance(routing, ExpertsChoiceRouting):
+        num_tokens = routing.gates.shape[1]
+        weighted = flat * routing.weight.reshape(num_groups, -1, 1).astype(y.dtype)
+        return jax.vmap(lambda w, t: jnp.zeros((num_tokens, out_dim), y.dtype).at[t].add(w))(
+            weighted, routing.token_index.reshape(num_groups, -1)
+        )
+    num_tokens, k = routing.expert_index.shape[1:]
+    slot = routing.expert_index * capacity + jnp.minimum(routing.position, capacity - 1)
+    gathered = jnp.take_along_axis(flat, slot.reshape(num_groups, -1, 1), axis=1)
+    gathered = gathered.reshape(num_groups, num_tokens, k, out_dim)
+    weight = jnp.where(routing.valid, routing.weight, 0.0).astype(y.dtype)
+    return jnp.einsum("gsk,gskd->gsd", weight, gathered)
+
+
+def expert_mlp(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    """Per-expert MLP on buffers: ``(E, N, D) -> (E, N, O)``.
+
+    ``y_e = gelu_tanh(x_e W1_e + b1_e) W2_e + b2_e``.
+    """
+    h = jnp.einsum("end,edh->enh", x, params["fc1_kernel"]) + params["fc1_bias"][:, None]
+    h = jax.nn.gelu(h, approximate=True)
+    return jnp.einsum("enh,eho->eno", h, params["fc2_kernel"]) + params["fc2_bias"][:, None]
+
+
+def buffered_moe_mlp(
+    params: Mapping[str, jax.Array], x: jax.Array, routing: Routing, kind: str
+) -> jax.Array:
+    """Dispatch (``kind``), expert MLP on ``(E, G * C, D)``, combine: ``(G, S, D) -> (G, S, O)``."""
+    buffer = dispatch(x, routing, kind)
+    num_groups, num_experts, capacity, dim = buffer.shape
+    expert_in = jnp.swapaxes(buffer, 0, 1).reshape(num_experts, num_groups * capacity, dim)
+    expert_out = expert_mlp(params, expert_in)
+    expert_out = jnp.swapaxes(expert_out.reshape(num_experts, num_groups, capacity, -1), 0, 1)
+    return combine(expert_out, routing, kind)
+
+
+def dropless_moe_mlp(
+    params: Mapping[str, jax.Array], x: jax.Array, routing: TopKRouting
+) -> jax.Array:
+    """Dropless top-k MoE MLP with grouped matmuls: ``(G, S, D) -> (G, S, O)``.
+
+    All ``G * S * K`` assignments are sorted by expert (stable) and each expert's contiguous run
+    is multiplied by its weights with :func:`jax.lax.ragged_dot`; outputs are weighted by the
+    gates (``routing.weight``, capacity ignored) and summed over the ``K`` choices.
+    """
+    if not isinstance(routing, TopKRouting):
+        raise ValueError("dropless_moe_mlp needs a TopKRouting (top-k routing).")
+    num_groups, num_tokens, dim = x.shape
+    k = routing.expert_index.shape[-1]
+    expert_flat = routing.expert_index.reshape(-1)
+    order = jnp.argsort(expert_flat, stable=True)
+    sorted_expert = expert_flat[order]
+    group_sizes = jnp.bincount(expert_flat, length=routing.num_experts).astype(jnp.int32)
+    tokens = x.reshape(-1, dim)[order // k]
+    h = jax.lax.ragged_dot(tokens, params["fc1_kernel"], group_sizes)
+    h = jax.nn.gelu(h + params["fc1_bias"][sorted_expert], approximate=True)
+    out = jax.lax.ragged_dot(h, params["fc2_kernel"], group_sizes)
+    out = out + params["fc2_bias"][sorted_expert]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    out = out[inverse].reshape(num_groups, num_tokens, k, -1)
+    return jnp.einsum("gsk,gskd->gsd", routing.weight.astype(out.dtype), out)
+
+
+def moe_mlp(
+    params: Mapping[str, jax.Array], x: jax.Array, routing: Routing, kind: str = "indices"
+) -> jax.Array:
+    """The MoE MLP through the chosen dispatcher: ``(G, S, D) -> (G, S, O)``.
+
+    Args:
+      params: expert parameters (``fc1_kernel``, ``fc1_bias``, ``fc2_kernel``, ``fc2_bias``).
+      x: ``(G, S, D)`` tokens.
+      routing: from :func:`~flaxlab.nn.moe_routing.top_k_routing` or
+        :func:`~flaxlab.nn.moe_routing.experts_choice_routing`.
+      kind: ``"einsum"``, ``"indices"`` or ``"ragged"`` (dropless).
+
+    Returns:
+      ``(G, S, O)``; a token whose assignments were all dropped gets zeros.
+    """
+    routing_kind = "top_k" if isinstance(routing, TopKRouting) else "experts_choice"
+    check_dispatch_kind(kind, routing_kind)
+    if kind == "ragged":
+        return dropless_moe_mlp(params, x, routing)
+    return buffered_moe_mlp(params, x, routing, kind)
