@@ -200,7 +200,7 @@ class Estimator:
                     lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params
                 )
             metrics = dict(metrics)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = _global_norm(grads)
             metrics["learning_rate"] = schedule(step)
             return new_state, metrics
 
@@ -433,7 +433,7 @@ class Estimator:
         ``train.keep_best`` copies under ``<workdir>/best``. Returns when training is done and
         every checkpoint has been evaluated, or after ``timeout_seconds`` without a new one.
         """
-        done = {r["step"] for r in read_jsonl(self.workdir / "eval.jsonl")}
+        done = set(self._best_index()["evaluated"])
         _, eval_iterator = make_data(self.config.data)
         directory = self.workdir / "checkpoints"
         idle_since = time.monotonic()
@@ -463,7 +463,14 @@ class Estimator:
                 return results
             time.sleep(poll_seconds)
 
+    def _best_index(self) -> dict[str, Any]:
+        path = self.workdir / "best" / "best.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        return {"metric": self.config.train.best_metric, "evaluated": [], "best": []}
+
     def _keep_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Records that ``step`` was evaluated and keeps a copy if it is among the best K."""
         cfg = self.config.train
         if cfg.best_metric not in metrics:
             raise TrainingError(
@@ -472,9 +479,8 @@ class Estimator:
             )
         best_dir = self.workdir / "best"
         best_dir.mkdir(exist_ok=True)
-        index_path = best_dir / "best.json"
-        ranking = json.loads(index_path.read_text()) if index_path.exists() else []
-        ranking.append({"step": step, "value": metrics[cfg.best_metric]})
+        index = self._best_index()
+        ranking = index["best"] + [{"step": step, "value": metrics[cfg.best_metric]}]
         ranking.sort(key=lambda r: r["value"], reverse=cfg.best_mode == "max")
         keep, drop = ranking[: cfg.keep_best], ranking[cfg.keep_best :]
         if any(r["step"] == step for r in keep):
@@ -483,7 +489,10 @@ class Estimator:
                 shutil.copytree(source, best_dir / str(step), dirs_exist_ok=True)
         for r in drop:
             shutil.rmtree(best_dir / str(r["step"]), ignore_errors=True)
-        index_path.write_text(json.dumps(keep, indent=1))
+        index.update(evaluated=sorted(set(index["evaluated"]) | {step}), best=keep)
+        tmp = best_dir / "best.tmp"
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(best_dir / "best.json")
 
     def predict(self, data_config, output: str | Path, step: int | None = None) -> Path:
         """Runs the task's predictions over the evaluation split of ``data_config``; writes .npz."""
@@ -510,6 +519,11 @@ class Estimator:
         np.savez(tmp, step=np.int64(found), **{k: np.concatenate(v) for k, v in chunks.items()})
         tmp.replace(output)
         return output
+
+
+def _global_norm(tree):
+    norm = getattr(getattr(optax, "tree", None), "norm", None)
+    return norm(tree) if norm is not None else optax.global_norm(tree)
 
 
 def _read_status(workdir: Path) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from flaxlab.configs import describe_presets, get_preset
+from flaxlab.train import apply_overrides, from_dict, to_dict
+
+
+def test_presets_round_trip_through_json():
+    for name in describe_presets():
+        config = get_preset(name)
+        assert from_dict(json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_overrides_parse_each_type():
+    c = apply_overrides(
+        get_preset("vit-digits"),
+        [
+            "train.steps=7",
+            "optimizer.learning_rate=0.5",
+            "data.flip=true",
+            "model.representation_size=12",
+            "optimizer.grad_clip_norm=none",
+            "model.patch_size=4,4",
+            "model.attention.dropout_rate=0.1",
+            "train.warm_start=/x/y",
+        ],
+    )
+    assert c.train.steps == 7 and c.optimizer.learning_rate == 0.5 and c.data.flip is True
+    assert c.model.representation_size == 12 and c.optimizer.grad_clip_norm is None
+    assert c.model.patch_size == (4, 4) and c.model.attention.dropout_rate == 0.1
+    assert c.train.warm_start == "/x/y"
+
+
+def test_unknown_field_names_the_nearest_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown field 'train.stepz'; did you mean train.steps"):
+        get_preset("vit-digits", ["train.stepz=3"])
+    with pytest.raises(ValueError, match=r"unknown field 'model.hiden_size'.*model.hidden_size"):
+        get_preset("vit-digits", ["model.hiden_size=3"])
+    with pytest.raises(ValueError, match=r"unknown field 'modle'; did you mean model"):
+        get_preset("vit-digits", ["modle.x=1"])
+
+
+def test_wrongly_typed_value_names_the_expected_type():
+    with pytest.raises(ValueError, match=r"train.steps='ten': expected an int"):
+        get_preset("vit-digits", ["train.steps=ten"])
+    with pytest.raises(ValueError, match=r"data.flip='maybe': expected a bool"):
+        get_preset("vit-digits", ["data.flip=maybe"])
+    with pytest.raises(ValueError, match=r"optimizer.learning_rate='fast': expected a float"):
+        get_preset("vit-digits", ["optimizer.learning_rate=fast"])
+    with pytest.raises(ValueError, match="must look like field.path=value"):
+        get_preset("vit-digits", ["train.steps"])
+
+
+def test_values_are_validated():
+    with pytest.raises(ValueError, match=r"optimizer.name='adam'.*'adamw'"):
+        get_preset("vit-digits", ["optimizer.name=adam"])
+    with pytest.raises(ValueError, match=r"train.steps=0 must be >= 1"):
+        get_preset("vit-digits", ["train.steps=0"])
+    with pytest.raises(ValueError, match=r"not divisible by optimizer.grad_accum_steps=3"):
+        get_preset("vit-digits", ["optimizer.grad_accum_steps=3"])
+    with pytest.raises(ValueError, match=r"unknown preset 'vit-digit'; did you mean vit-digits"):
+        get_preset("vit-digit")

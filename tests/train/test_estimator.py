@@ -1,0 +1,196 @@
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlab.configs import get_preset
+from flaxlab.train import (
+    Checkpointer,
+    CheckpointError,
+    Estimator,
+    TrainingError,
+    WorkdirMismatchError,
+)
+from flaxlab.train.metrics import read_jsonl
+from tests.train.tiny import TINY
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "vit"
+    estimator = Estimator(get_preset("vit-digits", TINY), workdir, progress=False)
+    final = estimator.train()
+    return workdir, estimator, final
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_training_writes_metrics_checkpoints_curves_and_status(trained):
+    workdir, _, final = trained
+    assert final["count"] == 360 and 0.0 <= final["accuracy"] <= 1.0
+    records = read_jsonl(workdir / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [3, 4, 6, 8, 9, 12]  # every log_every and every checkpoint
+    assert records[-1] == {"step": 12, "split": "eval", **final}
+    for key in ("loss", "accuracy", "grad_norm", "learning_rate"):
+        assert key in records[0]
+    assert Checkpointer(workdir / "checkpoints", read_only=True).steps() == [4, 8, 12]
+    assert (workdir / "curves.png").stat().st_size > 5000
+    status = json.loads((workdir / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 12
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["family"] == "vit" and config["model"]["hidden_size"] == 16
+
+
+def test_training_again_on_a_finished_run_changes_nothing(trained):
+    workdir, estimator, final = trained
+    before = read_jsonl(workdir / "metrics.jsonl")
+    again = Estimator(estimator.config, workdir, progress=False).train()
+    assert again == final
+    assert read_jsonl(workdir / "metrics.jsonl") == before
+
+
+def test_evaluate_and_predict(trained, tmp_path):
+    workdir, estimator, final = trained
+    step, metrics = estimator.evaluate()
+    assert step == 12 and metrics == pytest.approx(final)
+    step, _ = estimator.evaluate(step=4)
+    assert step == 4
+    path = estimator.predict(estimator.config.data, tmp_path / "p.npz")
+    with np.load(path) as p:
+        assert p["prediction"].shape == (360,) and p["probabilities"].shape == (360, 10)
+        assert np.mean(p["prediction"] == p["label"]) == pytest.approx(final["accuracy"])
+        np.testing.assert_allclose(p["probabilities"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_watch_evaluates_every_checkpoint_and_keeps_the_best(trained, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained[0], workdir)
+    estimator = Estimator(trained[1].config, workdir, progress=False)
+    results = estimator.watch(poll_seconds=0.05, timeout_seconds=5)
+    assert [s for s, _ in results] == [4, 8, 12]  # the first checkpoint too
+    assert [r["step"] for r in read_jsonl(workdir / "eval.jsonl")][-3:] == [4, 8, 12]
+    index = json.loads((workdir / "best" / "best.json").read_text())
+    top = max(results, key=lambda r: r[1]["accuracy"])
+    assert index["evaluated"] == [4, 8, 12]
+    assert len(index["best"]) == 1 and index["best"][0]["step"] == top[0]
+    assert (workdir / "best" / str(top[0])).is_dir()
+    assert estimator.watch(poll_seconds=0.05, timeout_seconds=1) == []  # nothing new
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained[0], workdir)
+    for f in (workdir / "checkpoints" / "12" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    (workdir / "checkpoints" / "16.orbax-checkpoint-tmp-1").mkdir()  # a killed save
+    estimator = Estimator(trained[1].config, workdir, progress=False)
+    step, _ = estimator.evaluate()
+    assert step == 8
+    with pytest.raises(CheckpointError, match="checkpoints/12 is unreadable"):
+        estimator.evaluate(step=12)
+
+
+def test_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
+    workdir = trained[0]
+    before = tree_digest(workdir)
+    other = get_preset("vit-digits", TINY + ["model.hidden_size=32"])
+    with pytest.raises(WorkdirMismatchError, match="model.hidden_size: 16 there, 32 here"):
+        Estimator(other, workdir, progress=False).train()
+    mixer = get_preset("mixer-digits", ["train.steps=2"])
+    with pytest.raises(WorkdirMismatchError, match="family: 'vit' there, 'mixer' here"):
+        Estimator(mixer, workdir, progress=False).train()
+    assert tree_digest(workdir) == before
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "thesis.tex").write_text("precious")
+    with pytest.raises(WorkdirMismatchError, match="not empty and holds no flaxlab run"):
+        Estimator(other, stranger, progress=False).train()
+    assert (stranger / "thesis.tex").read_text() == "precious"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = get_preset("vit-digits", TINY)
+    estimator = Estimator(config, tmp_path / "nan", progress=False)
+    real_step = estimator._make_train_step()
+
+    def poisoned(state, batch):
+        step = int(state["step"])
+        new_state, metrics = real_step(state, batch)
+        if step + 1 >= 7:
+            metrics = dict(metrics, loss=jnp.float32(jnp.nan))
+        return new_state, metrics
+
+    estimator._train_step = poisoned
+    with pytest.raises(
+        TrainingError,
+        match=r"loss is nan at step 7; the last good checkpoint "
+        r"\(step 4\) is kept",
+    ):
+        estimator.train()
+    assert Checkpointer(tmp_path / "nan" / "checkpoints", read_only=True).steps() == [4]
+    assert json.loads((tmp_path / "nan" / "status.json").read_text())["state"] == "failed"
+
+
+def test_warm_start_takes_parameters_and_optionally_the_optimizer(trained, tmp_path):
+    workdir, estimator, _ = trained
+    _, trained_state = estimator._restore(
+        Checkpointer(workdir / "checkpoints", read_only=True), None
+    )
+    for keep_optimizer in (False, True):
+        config = get_preset(
+            "vit-digits",
+            TINY + [f"train.warm_start={workdir}", f"train.warm_start_optimizer={keep_optimizer}"],
+        )
+        fresh = Estimator(config, tmp_path / f"warm{keep_optimizer}", progress=False)
+        state = fresh._warm_start(fresh.init_state())
+        jax.tree.map(np.testing.assert_array_equal, state["params"], trained_state["params"])
+        adam_count = [x for x in jax.tree.leaves(state["opt_state"]) if x.dtype == jnp.int32]
+        assert int(adam_count[0]) == (12 if keep_optimizer else 0)
+    bad = get_preset("vit-digits", TINY + [f"train.warm_start={tmp_path / 'none'}"])
+    with pytest.raises(TrainingError, match="no such checkpoint folder"):
+        Estimator(bad, tmp_path / "w", progress=False).train()
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_ema(tmp_path):
+    states = {}
+    for accum in (1, 2):
+        config = get_preset(
+            "vit-digits", TINY + [f"optimizer.grad_accum_steps={accum}", "train.ema_decay=0.5"]
+        )
+        estimator = Estimator(config, tmp_path / str(accum), progress=False)
+        from flaxlab.data.factory import make_data
+        from flaxlab.train import sharding
+
+        batches, _ = make_data(config.data)
+        step_fn = estimator._make_train_step()
+        state = estimator.init_state()
+        p0 = jax.tree.map(np.asarray, state["params"])
+        state, _ = step_fn(state, sharding.shard_batch(batches(0), estimator.mesh))
+        p1 = jax.tree.map(np.asarray, state["params"])
+        state, _ = step_fn(state, sharding.shard_batch(batches(1), estimator.mesh))
+        states[accum] = jax.tree.map(np.asarray, state)
+        ema = jax.tree.map(
+            lambda a, b, c: 0.25 * a + 0.25 * b + 0.5 * c, p0, p1, states[accum]["params"]
+        )
+        # ema_1 = 0.5 p0 + 0.5 p1; ema_2 = 0.5 ema_1 + 0.5 p2
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), states[accum]["ema"], ema
+        )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        states[1]["params"],
+        states[2]["params"],
+    )
