@@ -1,0 +1,382 @@
+r"""Strictly causal FAVOR+: chunked prefix sums with a custom VJP, and O(1) recurrent decoding.
+
+The causal linear attention computed here is, per (batch, head) and query position ``i``,
+
+.. math::
+    y_i = \sum_{j \le i} \big(e^{c_j - c_i}\, Q_i \cdot E_j + (Q_i \cdot \mathbf 1)\, u_j\big)\, V_j
+
+with query features ``Q``, key exponential features ``E`` (each relative to its own log-offset
+``c_j``), a non-decreasing log-offset sequence ``c`` and an additive per-key weight ``u`` (the
+softmax features' ``epsilon``). For the softmax kernel ``c_i`` is the running (causal) max of the
+key logits, which replaces the reference's max over *all* positions: the key features seen by
+query ``i`` are exactly ``(exp(x_s W^T - ||x_s||^2/2 - c_i) + eps) / sqrt(M)``, a function of keys
+``j <= i`` only. All exponents ``c_j - c_i`` are ``<= 0``, so nothing overflows.
+
+The ``e^{c_j-c_i} Q_i \cdot E_j`` part is computed by :func:`chunked_causal_linear_attention`:
+quadratic inside chunks of ``C`` positions, a running ``[M, D]`` state between chunks
+(``lax.scan``), and a hand-written backward pass that is also chunked (reverse scan) and stores
+only one state per chunk, so memory is ``O(L (M + D) + (L / C) M D)`` in both passes. The
+``u`` part is two cumulative sums of ``[L, D]`` arrays.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxlab.nn.favor_features import (
+    MASKED_LOG_OFFSET,
+    relu_kernel_features,
+    softmax_kernel_features,
+    softmax_projection_terms,
+)
+
+# Chunk sizes chosen by measurement (benchmarks/favor.py): on CPU 128 balances the C^2 (M + D)
+# intra-chunk work against the per-chunk scan overhead; GPUs prefer larger, matmul-friendly tiles.
+DEFAULT_CHUNK_SIZE = {"cpu": 128, "gpu": 256, "tpu": 256}
+
+
+def default_chunk_size(length: int) -> int:
+    """Chunk size used when none is given: the backend's default, capped at ``length``."""
+    preferred = DEFAULT_CHUNK_SIZE.get(jax.default_backend(), 256)
+    return max(1, min(int(length), preferred))
+
+
+def _to_chunks(x: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
+    """[B, L, H, ...] (L == num_chunks * chunk) -> [num_chunks, B, H, chunk, ...]."""
+    b, _, h = x.shape[:3]
+    x = x.reshape((b, num_chunks, chunk, h) + x.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    """[num_chunks, B, H, chunk, ...] -> [B, num_chunks * chunk, H, ...]."""
+    n, b, h, c = x.shape[:4]
+    x = jnp.moveaxis(jnp.moveaxis(x, 2, 3), 0, 1)
+    return x.reshape((b, n * c, h) + x.shape[4:])
+
+
+def _intra_chunk_decay(offsets: jax.Array) -> jax.Array:
+    """exp(c_j - c_i) for j <= i inside a chunk, 0 above the diagonal. [..., C] -> [..., C, C]."""
+    chunk = offsets.shape[-1]
+    lower = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
+    exponent = offsets[..., None, :] - offsets[..., :, None]
+    return jnp.exp(jnp.where(lower, exponent, -jnp.inf))
+
+
+def _forward_chunks(q, e, c, v):
+    """Chunk-major forward pass. Returns outputs and the state entering every chunk."""
+    state0 = jnp.zeros(q.shape[1:3] + (q.shape[-1], v.shape[-1]), q.dtype)
+    offset0 = c[0, :, :, 0]
+
+    def body(carry, chunk):
+        state, state_offset = carry
+        qc, ec, cc, vc = chunk
+        weights = jnp.einsum("bhim,bhjm->bhij", qc, ec) * _intra_chunk_decay(cc)
+        out = jnp.einsum("bhij,bhjd->bhid", weights, vc)
+        out += jnp.exp(state_offset[..., None] - cc)[..., None] * jnp.einsum(
+            "bhim,bhmd->bhid", qc, state
+        )
+        end_offset = cc[..., -1]
+        rescaled_keys = ec * jnp.exp(cc - end_offset[..., None])[..., None]
+        new_state = jnp.exp(state_offset - end_offset)[..., None, None] * state
+        new_state += jnp.einsum("bhjm,bhjd->bhmd", rescaled_keys, vc)
+        return (new_state, end_offset), (out, state, state_offset)
+
+    _, (out, states, state_offsets) = lax.scan(body, (state0, offset0), (q, e, c, v))
+    return out, states, state_offsets
+
+
+def _backward_chunks(q, e, c, v, states, state_offsets, d_out):
+    """Reverse scan over chunks; carries G = sum_{i in later chunks} e^{c_end - c_i} Q_i dy_i^T."""
+    grad_state0 = jnp.zeros_like(states[0])
+
+    def body(grad_state, chunk):
+        qc, ec, cc, vc, dyc, state, state_offset = chunk
+        end_offset = cc[..., -1]
+        decay = _intra_chunk_decay(cc)
+        weights = jnp.einsum("bhim,bhjm->bhij", qc, ec) * decay
+        d_weights = jnp.einsum("bhid,bhjd->bhij", dyc, vc) * decay
+        to_end = jnp.exp(cc - end_offset[..., None])[..., None]
+        from_start = jnp.exp(state_offset[..., None] - cc)[..., None]
+        dq = jnp.einsum("bhij,bhjm->bhim", d_weights, ec)
+        dq += from_start * jnp.einsum("bhid,bhmd->bhim", dyc, state)
+        de = jnp.einsum("bhij,bhim->bhjm", d_weights, qc)
+        de += to_end * jnp.einsum("bhmd,bhjd->bhjm", grad_state, vc)
+        dv = jnp.einsum("bhij,bhid->bhjd", weights, dyc)
+        dv += to_end * jnp.einsum("bhjm,bhmd->bhjd", ec, grad_state)
+        dc = jnp.sum(ec * de, axis=-1) - jnp.sum(qc * dq, axis=-1)
+        new_grad_state = jnp.exp(state_offset - end_offset)[..., None, None] * grad_state
+        new_grad_state += jnp.einsum("bhim,bhid->bhmd", qc * from_start, dyc)
+        return new_grad_state, (dq, de, dc, dv)
+
+    xs = (q, e, c, v, d_out, states, state_offsets)
+    _, grads = lax.scan(body, grad_state0, xs, reverse=True)
+    return grads
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_core(q, e, c, v, chunk_size):
+    return _chunked_core_fwd(q, e, c, v, chunk_size)[0]
+
+
+def _pad_and_chunk(q, e, c, v, chunk_size):
+    length = q.shape[1]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
+        q, e, v = (jnp.pad(x, widths) for x in (q, e, v))
+        c = jnp.pad(c, widths[:3], mode="edge")
+    return tuple(_to_chunks(x, num_chunks, chunk_size) for x in (q, e, c, v))
+
+
+def _chunked_core_fwd(q, e, c, v, chunk_size):
+    qc, ec, cc, vc = _pad_and_chunk(q, e, c, v, chunk_size)
+    out, states, state_offsets = _forward_chunks(qc, ec, cc, vc)
+    length = q.shape[1]
+    return _from_chunks(out)[:, :length], (qc, ec, cc, vc, states, state_offsets)
+
+
+def _chunked_core_bwd(chunk_size, residuals, d_out):
+    qc, ec, cc, vc, states, state_offsets = residuals
+    length = d_out.shape[1]
+    num_chunks = qc.shape[0]
+    pad = num_chunks * chunk_size - length
+    if pad:
+        d_out = jnp.pad(d_out, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    d_out = _to_chunks(d_out, num_chunks, chunk_size)
+    dq, de, dc, dv = _backward_chunks(qc, ec, cc, vc, states, state_offsets, d_out)
+    return tuple(_from_chunks(g)[:, :length] for g in (dq, de, dc, dv))
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def chunked_causal_linear_attention(
+    q: jax.Array,
+    e: jax.Array,
+    c: jax.Array,
+    v: jax.Array,
+    *,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    r"""``y_i = sum_{j<=i} exp(c_j - c_i) (Q_i . E_j) V_j``, chunked in both passes.
+
+    Args:
+      q: query features ``[batch, length, heads, M]``.
+      e: key features ``[batch, length, heads, M]``, each relative to its own log-offset.
+      c: log-offsets ``[batch, length, heads]``, non-decreasing along ``length`` (use zeros for
+        plain causal linear attention).
+      v: values ``[batch, length, heads, D]``.
+      chunk_size: positions per chunk; ``None`` picks :func:`default_chunk_size`.
+
+    Returns:
+      ``[batch, length, heads, D]``. Differentiable in all four arrays (custom VJP whose
+      backward pass is a reverse scan over chunks).
+
+    Example:
+      >>> q = e = jnp.ones((1, 5, 1, 3)); v = jnp.arange(5.0).reshape(1, 5, 1, 1)
+      >>> chunked_causal_linear_attention(q, e, jnp.zeros((1, 5, 1)), v, chunk_size=2)[0, :, 0, 0]
+      Array([ 0.,  3.,  9., 18., 30.], dtype=float32)
+    """
+    chunk = default_chunk_size(q.shape[1]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return _chunked_core(q, e, c, v, chunk)
+
+
+class CausalTerms(NamedTuple):
+    """Features of a causal FAVOR+ computation (see the module docstring for the formula)."""
+
+    query_features: jax.Array  # [B, L, H, M]
+    key_features: jax.Array  # [B, L, H, M], relative to key_log_offsets
+    key_log_offsets: jax.Array  # [B, L, H], non-decreasing in L
+    key_eps_weights: jax.Array | None  # [B, L, H] or None (no additive term)
+
+
+def causal_feature_terms(
+    q: jax.Array,
+    k: jax.Array,
+    projection: jax.Array | None,
+    *,
+    kernel: str,
+    numerical_stabilizer: float,
+    mask: jax.Array | None,
+) -> CausalTerms:
+    """Feature terms whose causal combination is FAVOR+ with a strictly causal key stabiliser."""
+    if kernel == "relu":
+        qf = relu_kernel_features(q, projection)
+        kf = relu_kernel_features(k, projection, mask=mask)
+        zeros = jnp.zeros(k.shape[:3], kf.dtype)
+        return CausalTerms(qf, kf, zeros, None)
+    if projection is None:
+        raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+    qf = softmax_kernel_features(
+        q, projection, is_query=True, numerical_stabilizer=numerical_stabilizer
+    )
+    logits, half_sq_norm, ratio = softmax_projection_terms(k, projection)
+    keep = jnp.ones(k.shape[:2], bool) if mask is None else mask.astype(bool)
+    keep = keep[:, :, None]
+    key_max = jnp.where(keep, jnp.max(logits, axis=-1), MASKED_LOG_OFFSET)
+    offsets = lax.cummax(key_max, axis=1)
+    exponent = jnp.where(keep[..., None], logits - half_sq_norm - offsets[..., None], -jnp.inf)
+    kf = ratio * jnp.exp(exponent)
+    eps_weights = ratio * numerical_stabilizer * keep.astype(kf.dtype) * jnp.ones_like(offsets)
+    return CausalTerms(qf, kf, offsets, eps_weights)
+
+
+def causal_numerator_denominator(
+    terms: CausalTerms, v: jax.Array, *, chunk_size: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Causal numerator ``[B, L, H, D]`` and denominator ``[B, L, H]`` from :class:`CausalTerms`."""
+    qf, kf, offsets, eps_weights = terms
+    values_and_ones = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    both = chunked_causal_linear_attention(qf, kf, offsets, values_and_ones, chunk_size=chunk_size)
+    numerator, denominator = both[..., :-1], both[..., -1]
+    if eps_weights is not None:
+        query_sums = jnp.sum(qf, axis=-1)
+        numerator += query_sums[..., None] * jnp.cumsum(eps_weights[..., None] * v, axis=1)
+        denominator += query_sums * jnp.cumsum(eps_weights, axis=1)
+    return numerator, denominator
+
+
+def stabilize_denominator(denominator: jax.Array, numerical_stabilizer: float) -> jax.Array:
+    """The reference's ``den + 2 s 1[|den| <= s]``: keeps tiny denominators away from zero."""
+    s = numerical_stabilizer
+    return denominator + 2 * s * (jnp.abs(denominator) <= s).astype(denominator.dtype)
+
+
+class FavorCausalState(NamedTuple):
+    """Running sums of causal FAVOR+ for recurrent decoding (all per batch and head).
+
+    ``key_value`` ``[B, H, M, D]`` and ``key_sum`` ``[B, H, M]`` hold the key features relative to
+    ``log_offset`` ``[B, H]`` (the running max of key logits; 0 for the ReLU kernel);
+    ``eps_value`` ``[B, H, D]`` and ``eps_sum`` ``[B, H]`` the additive-stabiliser part.
+    """
+
+    key_value: jax.Array
+    key_sum: jax.Array
+    eps_value: jax.Array
+    eps_sum: jax.Array
+    log_offset: jax.Array
+
+
+def favor_causal_init_state(
+    batch_size: int,
+    num_heads: int,
+    num_features: int,
+    value_dim: int,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    kernel: str = "softmax",
+) -> FavorCausalState:
+    """Empty decoding state (no token seen yet).
+
+    Args:
+      batch_size, num_heads: leading sizes.
+      num_features: ``M`` (the projection's rows; the head dim for projection-free ReLU).
+      value_dim: ``D``, the value head dimension.
+      dtype: state dtype (use float32 or wider).
+      kernel: ``"softmax"`` or ``"relu"`` (sets the initial log-offset).
+
+    Returns:
+      A :class:`FavorCausalState` for :func:`favor_causal_step`.
+    """
+    if kernel not in ("softmax", "relu"):
+        raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    start = MASKED_LOG_OFFSET if kernel == "softmax" else 0.0
+    b, h = batch_size, num_heads
+    return FavorCausalState(
+        key_value=jnp.zeros((b, h, num_features, value_dim), dtype),
+        key_sum=jnp.zeros((b, h, num_features), dtype),
+        eps_value=jnp.zeros((b, h, value_dim), dtype),
+        eps_sum=jnp.zeros((b, h), dtype),
+        log_offset=jnp.full((b, h), start, dtype),
+    )
+
+
+def favor_causal_step(
+    state: FavorCausalState,
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    projection: jax.Array | None,
+    *,
+    kernel: str = "softmax",
+    numerical_stabilizer: float = 1e-6,
+    renormalize: bool = True,
+    mask_t: jax.Array | None = None,
+) -> tuple[FavorCausalState, jax.Array]:
+    r"""One decoding step of causal FAVOR+ in O(M D) time and memory per (batch, head).
+
+    Feeds token ``t`` (``q_t``, ``k_t`` ``[B, H, d]``, ``v_t`` ``[B, H, D]``) and returns the new
+    state and the attention output ``[B, H, D]`` for that token. Running the steps over a
+    sequence reproduces ``favor_attention(..., causal=True)`` token by token: the softmax state is
+    kept relative to the running max ``c_t`` of key logits and rescaled by ``exp(c_{t-1} - c_t)``
+    when the max grows.
+
+    Args:
+      state: from :func:`favor_causal_init_state` or a previous step.
+      q_t, k_t, v_t: this token's query, key and value.
+      projection: the ``[M, d]`` projection (``None`` for projection-free ReLU features).
+      kernel: ``"softmax"`` or ``"relu"``.
+      numerical_stabilizer: as in :func:`flaxlab.nn.favor.favor_attention`.
+      renormalize: divide by the (stabilised) denominator.
+      mask_t: optional bool ``[B]``; ``False`` feeds a padding key (it is not attended to).
+
+    Returns:
+      ``(new_state, output)``.
+
+    Example:
+      >>> w = gaussian_orthogonal_random_matrix(jax.random.key(0), 32, 8)
+      >>> s = favor_causal_init_state(1, 2, 32, 8)
+      >>> s, y = favor_causal_step(s, *(jnp.ones((1, 2, 8)),) * 3, w)
+    """
+    q4, k4 = q_t[:, None], k_t[:, None]
+    mask4 = None if mask_t is None else mask_t[:, None]
+    dtype = state.key_value.dtype
+    if kernel == "relu":
+        qf = relu_kernel_features(q4, projection)[:, 0].astype(dtype)
+        kf = relu_kernel_features(k4, projection, mask=mask4)[:, 0].astype(dtype)
+        new_offset, eps_weight = state.log_offset, jnp.zeros_like(state.eps_sum)
+    elif kernel == "softmax":
+        if projection is None:
+            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+        qf = softmax_kernel_features(
+            q4, projection, is_query=True, numerical_stabilizer=numerical_stabilizer
+        )[:, 0].astype(dtype)
+        logits, half_sq_norm, ratio = softmax_projection_terms(k4, projection)
+        logits, half_sq_norm = logits[:, 0].astype(dtype), half_sq_norm[:, 0].astype(dtype)
+        keep = jnp.ones(k_t.shape[:1], bool) if mask_t is None else mask_t.astype(bool)
+        keep = jnp.broadcast_to(keep[:, None], state.log_offset.shape)
+        key_max = jnp.where(keep, jnp.max(logits, axis=-1), MASKED_LOG_OFFSET)
+        new_offset = jnp.maximum(state.log_offset, key_max)
+        exponent = jnp.where(
+            keep[..., None], logits - half_sq_norm - new_offset[..., None], -jnp.inf
+        )
+        kf = ratio * jnp.exp(exponent)
+        eps_weight = ratio * numerical_stabilizer * keep.astype(dtype)
+    else:
+        raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    v_t = v_t.astype(dtype)
+    rescale = jnp.exp(state.log_offset - new_offset)
+    new_state = FavorCausalState(
+        key_value=rescale[..., None, None] * state.key_value + kf[..., :, None] * v_t[..., None, :],
+        key_sum=rescale[..., None] * state.key_sum + kf,
+        eps_value=state.eps_value + eps_weight[..., None] * v_t,
+        eps_sum=state.eps_sum + eps_weight,
+        log_offset=new_offset,
+    )
+    query_sum = jnp.sum(qf, axis=-1)
+    numerator = jnp.einsum("bhm,bhmd->bhd", qf, new_state.key_value)
+    numerator += query_sum[..., None] * new_state.eps_value
+    if not renormalize:
+        return new_state, numerator
+    denominator = jnp.einsum("bhm,bhm->bh", qf, new_state.key_sum) + query_sum * new_state.eps_sum
+    denominator = stabilize_denominator(denominator, numerical_stabilizer)
+    return new_state, numerator / denominator[..., None]
