@@ -1,0 +1,369 @@
+"""Variational Diffusion Models (Kingma, Salimans, Poole & Ho 2021).
+
+Paper: https://arxiv.org/abs/2107.00630 ; reference: google-research/vdm.
+
+The pure maths lives in :mod:`flaxlab.models.vdm_math`, the schedules in
+:mod:`flaxlab.models.vdm_schedules`, the score network in :mod:`flaxlab.models.vdm_unet` and
+the samplers in :mod:`flaxlab.models.vdm_sampling`; this module holds the config with its
+presets and the :class:`VDM` module, and re-exports the public names.
+
+Example:
+  >>> config = vdm_preset("digits")
+  >>> model = VDM(config, rngs=nnx.Rngs(0))
+  >>> loss, metrics = model.loss(images_uint8, labels, jax.random.key(1), deterministic=False)
+  >>> samples = sample(model, jax.random.key(2), num=16, steps=100)  # uint8 [16, 8, 8, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxlab.models.vdm_likelihood import ode_log_density, probability_flow_bpd
+from flaxlab.models.vdm_math import (
+    VOCAB_SIZE,
+    ancestral_step,
+    antithetic_times,
+    bits_per_dim,
+    ddim_step,
+    decoder_logits,
+    diffusion_loss,
+    discretise_times,
+    encode,
+    fourier_features,
+    prior_loss,
+    reconstruction_loss,
+    timestep_embedding,
+)
+from flaxlab.models.vdm_sampling import SAMPLERS, sample
+from flaxlab.models.vdm_schedules import (
+    SCHEDULE_KINDS,
+    FixedLinearSchedule,
+    LearnedScalarSchedule,
+    MonotoneNetSchedule,
+    is_schedule_path,
+    make_schedule,
+    weight_decay_mask,
+    with_variance_gradient,
+)
+from flaxlab.models.vdm_unet import ScoreUNet
+
+__all__ = [
+    "VDM",
+    "VDMConfig",
+    "VDM_PRESETS",
+    "vdm_preset",
+    "encode",
+    "decoder_logits",
+    "reconstruction_loss",
+    "prior_loss",
+    "diffusion_loss",
+    "discretise_times",
+    "antithetic_times",
+    "ancestral_step",
+    "ddim_step",
+    "bits_per_dim",
+    "timestep_embedding",
+    "fourier_features",
+    "FixedLinearSchedule",
+    "LearnedScalarSchedule",
+    "MonotoneNetSchedule",
+    "make_schedule",
+    "with_variance_gradient",
+    "weight_decay_mask",
+    "is_schedule_path",
+    "ScoreUNet",
+    "evaluate_bpd",
+    "bpd_confidence_interval",
+    "sample",
+    "ode_log_density",
+    "probability_flow_bpd",
+    "SAMPLERS",
+    "VOCAB_SIZE",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class VDMConfig:
+    """VDM hyper-parameters; defaults are the reference's CIFAR-10 model (30.6M parameters).
+
+    Attributes:
+      image_shape: ``(H, W, C)``.
+      schedule: one of ``"fixed"``, ``"learned_scalar"`` (reference CIFAR-10), ``"learned_net"``.
+      gamma_min, gamma_max: initial ``gamma(0)``/``gamma(1)`` and the score network's
+        normalisation of ``gamma``.
+      schedule_features: hidden width of the ``learned_net`` schedule (1024).
+      pin_endpoints: ``learned_net`` only: endpoints as their own parameters (see
+        :class:`MonotoneNetSchedule`); False is the reference exactly.
+      variance_gradient: train a schedule's shape on the variance of the diffusion loss
+        (paper App. I.2); only acts on schedules with shape parameters, in continuous time.
+      timesteps: 0 = continuous time (reference CIFAR-10), else ``T``.
+      width, depth, dropout, attention, fourier, groups: score network (``sm_n_embd``,
+        ``sm_n_layer``, ``sm_pdrop``, ``with_attention``, ``with_fourier_features``, GroupNorm).
+      num_classes: 0 = unconditional; else class-conditional with a "no label" embedding.
+      label_dropout: probability of training on the "no label" row (classifier-free guidance).
+      antithetic: antithetic (stratified) times in the training loss.
+      sample_softmax: sample the final pixels from the decoder instead of its argmax.
+      dtype: ``"float32"`` or ``"bfloat16"`` compute dtype of the score network.
+    """
+
+    image_shape: tuple[int, int, int] = (32, 32, 3)
+    schedule: str = "learned_scalar"
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    schedule_features: int = 1024
+    pin_endpoints: bool = True
+    variance_gradient: bool = True
+    timesteps: int = 0
+    width: int = 128
+    depth: int = 32
+    dropout: float = 0.1
+    attention: bool = False
+    fourier: bool = True
+    groups: int = 32
+    num_classes: int = 0
+    label_dropout: float = 0.1
+    antithetic: bool = True
+    sample_softmax: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (H, W, C) positive, got {self.image_shape}")
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ValueError(
+                f"unknown schedule {self.schedule!r}; accepted: {', '.join(SCHEDULE_KINDS)}"
+            )
+        if not self.gamma_min < self.gamma_max:
+            raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
+        if self.timesteps < 0:
+            raise ValueError(f"timesteps must be >= 0 (0 = continuous), got {self.timesteps}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; accepted: {', '.join(_DTYPES)}")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.image_shape)
+
+
+VDM_PRESETS: dict[str, VDMConfig] = {
+    # google-research/vdm configs/cifar10.py: 32 blocks of 128 channels, Fourier features,
+    # middle attention only, dropout 0.1, learned scalar schedule, continuous time.
+    "cifar10": VDMConfig(),
+    # The bundled 8x8 scikit-learn digits quantised to 256 levels; a CPU-sized network.
+    "digits": VDMConfig(image_shape=(8, 8, 1), width=32, depth=4, groups=8, dropout=0.1),
+    "digits-conditional": VDMConfig(
+        image_shape=(8, 8, 1), width=32, depth=4, groups=8, dropout=0.1, num_classes=10
+    ),
+}
+
+
+def vdm_preset(name: str, **overrides) -> VDMConfig:
+    """A named preset, with optional field overrides."""
+    if name not in VDM_PRESETS:
+        raise ValueError(f"unknown VDM preset {name!r}; accepted: {', '.join(VDM_PRESETS)}")
+    return dataclasses.replace(VDM_PRESETS[name], **overrides)
+
+
+def _as_key(rngs) -> jax.Array:
+    if isinstance(rngs, nnx.Rngs):
+        return rngs()
+    return rngs
+
+
+class VDM(nnx.Module):
+    """A VDM: noise schedule (``.schedule``) + score network (``.score``).
+
+    Args:
+      config: a :class:`VDMConfig`.
+      rngs: ``nnx.Rngs`` for the parameters.
+    """
+
+    def __init__(self, config: VDMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = {}
+        if config.schedule == "learned_net":
+            kw = dict(features=config.schedule_features, pin_endpoints=config.pin_endpoints)
+        self.schedule = make_schedule(
+            config.schedule, config.gamma_min, config.gamma_max, rngs=rngs, **kw
+        )
+        self.score = ScoreUNet(
+            config.image_shape[-1],
+            width=config.width,
+            depth=config.depth,
+            gamma_min=config.gamma_min,
+            gamma_max=config.gamma_max,
+            dropout=config.dropout,
+            attention=config.attention,
+            fourier=config.fourier,
+            num_classes=config.num_classes,
+            groups=config.groups,
+            dtype=_DTYPES[config.dtype],
+            rngs=rngs,
+        )
+
+    def _check_images(self, images) -> None:
+        if tuple(images.shape[1:]) != tuple(self.config.image_shape):
+            raise ValueError(
+                f"images have shape {tuple(images.shape)}; this model takes "
+                f"[B, {', '.join(map(str, self.config.image_shape))}]"
+            )
+
+    def _labels(self, labels, batch: int, key, deterministic: bool):
+        cfg = self.config
+        if cfg.num_classes == 0:
+            return None
+        null = jnp.full((batch,), cfg.num_classes, jnp.int32)
+        if labels is None:
+            return null
+        labels = jnp.asarray(labels, jnp.int32)
+        if deterministic or cfg.label_dropout == 0.0:
+            return labels
+        drop = jax.random.bernoulli(key, cfg.label_dropout, (batch,))
+        return jnp.where(drop, null, labels)
+
+    def per_example_losses(self, images, labels, rng, *, deterministic: bool, times=None):
+        """``(recon, prior, diffusion)`` per-example losses in nats, each ``[B]``.
+
+        Args:
+          images: uint8 ``[B, H, W, C]``.
+          labels: int ``[B]`` or None.
+          rng: PRNG key (or ``nnx.Rngs``) for the noise, the times, dropout and label dropout.
+          deterministic: no dropout and no label dropout.
+          times: ``[B]`` diffusion times; default antithetic (or i.i.d.) uniform draws.
+        """
+        cfg = self.config
+        self._check_images(images)
+        batch = images.shape[0]
+        k_eps0, k_t, k_eps, k_drop, k_label = jax.random.split(_as_key(rng), 5)
+        f = encode(images)
+        g0, g1 = self.schedule.endpoints()
+        recon = reconstruction_loss(images, jax.random.normal(k_eps0, f.shape), g0)
+        prior = prior_loss(images, g1)
+        if times is None:
+            if cfg.antithetic:
+                times = antithetic_times(jax.random.uniform(k_t), batch)
+            else:
+                times = jax.random.uniform(k_t, (batch,))
+        t = discretise_times(times, cfg.timesteps)
+        eps = jax.random.normal(k_eps, f.shape)
+        labels = self._labels(labels, batch, k_label, deterministic)
+        dropout_key = None if deterministic else k_drop
+
+        def eps_hat_at(net, gamma_t):
+            alpha = jnp.sqrt(jax.nn.sigmoid(-gamma_t))[:, None, None, None]
+            sigma = jnp.sqrt(jax.nn.sigmoid(gamma_t))[:, None, None, None]
+            return net(alpha * f + sigma * eps, gamma_t, labels, dropout_key=dropout_key)
+
+        use_variance = (
+            cfg.variance_gradient and cfg.timesteps == 0 and self.schedule.has_shape_params
+        )
+        if use_variance:
+            graphdef, net_state = nnx.split(self.score)
+            nu, dnu = jax.jvp(self.schedule.shape, (t,), (jnp.ones_like(t),))
+
+            def per_example(shape_values, other):
+                nu_t, dnu_t = shape_values
+                e0, e1, state = other
+                gamma_t = e0 + (e1 - e0) * nu_t
+                eps_hat = eps_hat_at(nnx.merge(graphdef, state), gamma_t)
+                mse = jnp.sum(jnp.square(eps - eps_hat).reshape(batch, -1), axis=1)
+                return 0.5 * (e1 - e0) * dnu_t * mse
+
+            diff = with_variance_gradient(
+                per_example, (nu, dnu), (g0, g1, net_state), 1.0 / (cfg.num_dims * math.log(2.0))
+            )
+        else:
+            eps_hat = eps_hat_at(self.score, self.schedule(t))
+            diff = diffusion_loss(f, t, eps, eps_hat, self.schedule, cfg.timesteps)
+        return recon, prior, diff
+
+    def loss(self, images, labels=None, rngs=None, *, deterministic: bool = False):
+        """Training objective: mean bits/dim over the batch and its terms.
+
+        Args:
+          images: uint8 ``[B, H, W, C]``.
+          labels: int ``[B]`` or None (ignored by unconditional models).
+          rngs: PRNG key or ``nnx.Rngs``.
+          deterministic: disable dropout and label dropout.
+
+        Returns:
+          ``(bpd, metrics)`` with metrics ``bpd``, ``bpd_recon``, ``bpd_prior``, ``bpd_diff``,
+          ``gamma_0``, ``gamma_1``.
+        """
+        if rngs is None:
+            raise ValueError("VDM.loss needs rngs (a PRNG key or nnx.Rngs), got None")
+        recon, prior, diff = self.per_example_losses(
+            images, labels, rngs, deterministic=deterministic
+        )
+        metrics = bits_per_dim(recon, prior, diff, self.config.num_dims)
+        g0, g1 = self.schedule.endpoints()
+        metrics["gamma_0"], metrics["gamma_1"] = g0, g1
+        return metrics["bpd"], metrics
+
+
+def evaluate_bpd(model: VDM, images, labels, rng, num_draws: int = 4) -> dict[str, jax.Array]:
+    """Per-image bits/dim, each averaged over ``num_draws`` draws of ``(t, eps)``.
+
+    The ``K = num_draws`` times of image ``i`` are ``(u_i + k / K) mod 1`` (stratified, so the
+    average is unbiased with lower variance than ``K`` independent draws). No dropout.
+
+    Args:
+      model: a :class:`VDM`.
+      images: uint8 ``[B, H, W, C]``; labels: int ``[B]`` or None.
+      rng: PRNG key.
+      num_draws: ``K >= 1``.
+
+    Returns:
+      ``{"bpd", "bpd_recon", "bpd_prior", "bpd_diff"}``, each ``[B]`` (per image). Sum these and
+      their squares over a test set and use :func:`bpd_confidence_interval`.
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    batch = images.shape[0]
+    k_u, k_draws = jax.random.split(_as_key(rng))
+    u = jax.random.uniform(k_u, (batch,))
+    scale = 1.0 / (model.config.num_dims * math.log(2.0))
+
+    def one_draw(k):
+        times = jnp.mod(u + k / num_draws, 1.0)
+        key = jax.random.fold_in(k_draws, k)
+        return model.per_example_losses(images, labels, key, deterministic=True, times=times)
+
+    recon, prior, diff = jax.lax.map(one_draw, jnp.arange(num_draws))
+    out = {
+        "bpd_recon": jnp.mean(recon, 0) * scale,
+        "bpd_prior": jnp.mean(prior, 0) * scale,
+        "bpd_diff": jnp.mean(diff, 0) * scale,
+    }
+    out["bpd"] = out["bpd_recon"] + out["bpd_prior"] + out["bpd_diff"]
+    return out
+
+
+def bpd_confidence_interval(total, total_sq, count, z: float = 1.96) -> tuple[float, float]:
+    """Mean and half-width of a normal confidence interval from per-image sums.
+
+    Args:
+      total: sum of per-image bits/dim; total_sq: sum of their squares; count: images.
+      z: normal quantile (1.96 for 95%).
+
+    Returns:
+      ``(mean, half_width)``; the half-width is ``z * std / sqrt(count)`` (0 for one image).
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    mean = float(total) / count
+    if count == 1:
+        return mean, 0.0
+    var = max(float(total_sq) / count - mean * mean, 0.0) * count / (count - 1)
+    return mean, z * math.sqrt(var / count)
