@@ -15,7 +15,9 @@ from flaxlab.optim import (
     default_shape_fn,
     evaluate_shape_expression,
     params_fn_from_assign_map,
+    unpack_slots,
 )
+from flaxlab.optim.amos_defaults import with_overrides
 
 
 # ----------------------------------------------------------------------------- assign maps
@@ -266,17 +268,17 @@ def test_table_with_full_slots_and_no_momentum_equals_adamw_bytes():
 
 
 def test_amos_with_defaults_overrides_come_first():
+    shape_overrides = {"embed/.*": "SHAPE", "head/kernel": ()}
+    shape_fn = with_overrides(shape_overrides, default_shape_fn)
     tx = amos_with_defaults(
-        0.01,
-        eta_overrides={"head/kernel": 0.01},
-        shape_overrides={"embed/.*": "SHAPE", "head/kernel": ()},
-        momentum=None,
+        0.01, eta_overrides={"head/kernel": 0.01}, shape_overrides=shape_overrides, momentum=None
     )
     params = small_nested_tree()
     state = tx.init(params)
-    assert state.v["embed"]["embedding"].shape == (10, 4)
-    assert state.v["head"]["kernel"].shape == ()
-    assert state.v["blocks"][0]["mlp"]["fc1"]["kernel"].shape == (1, 16)
+    v = unpack_slots(state.v, params, shape_fn)
+    assert v["embed"]["embedding"].shape == (10, 4)
+    assert v["head"]["kernel"].shape == ()
+    assert v["blocks"][0]["mlp"]["fc1"]["kernel"].shape == (1, 16)
     assert state.momentum is None
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, state, params)
@@ -296,4 +298,6 @@ def test_defaults_cover_every_parameter_of_the_flaxlab_vision_models():
     table = amos_param_table(params, default_eta_fn, default_shape_fn, momentum=0.9)
     assert "posemb" in table and "(1, 1, 1, 192)" in table  # patch-embedding conv slot
     state = jax.eval_shape(amos_with_defaults(0.01).init, params)
-    assert state.v["posemb"].shape[-1] == 1
+    v = unpack_slots(state.v, params, default_shape_fn)
+    tokens = params["posemb"].shape[1]
+    assert v["posemb"].shape == (1, tokens, 1)

@@ -6,6 +6,7 @@ from flaxlab.optim.amos import (
     amos,
     leaf_names,
     scale_by_amos,
+    unpack_slots,
 )
 from flaxlab.optim.amos_defaults import (
     amos_param_table,
@@ -27,4 +28,5 @@ __all__ = [
     "leaf_names",
     "params_fn_from_assign_map",
     "scale_by_amos",
+    "unpack_slots",
 ]

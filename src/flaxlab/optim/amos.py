@@ -24,7 +24,12 @@ the numbers of google-research/jestimator ``amos.py``; beyond it:
   not give ``0 * inf = NaN`` (the reference's ``2**-125`` underflows to 0 in float16);
 * ``shape_fn`` results and ``eta_fn`` values are validated at ``init`` with errors that name
   the parameter;
-* clip, Amos and momentum run as one fused elementwise pass per parameter.
+* speed: the slots of all parameters are packed into one vector (``state.v``, ``state.b``;
+  :func:`unpack_slots` gives the trees back), so the slot maths of every parameter runs as a
+  few small kernels in total instead of about ten per parameter; per parameter there is one
+  reduction for ``g2`` (the clip is folded in as ``min(g**2, c**2)``) and one elementwise pass
+  ``u = theta_coef * theta + grad_coef * clip(g)`` that also updates the momentum. With
+  factored slots and momentum this moves about 5/7 of AdamW's bytes.
 
 Leaves of any pytree (nested dicts, lists, ``nnx.State``) are named by their path as a tuple
 of strings: dict keys, list indices as ``str(i)``, attribute names; an ``nnx.Variable``
@@ -41,6 +46,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -50,19 +56,24 @@ ScalarOrSchedule = float | optax.Schedule
 
 
 class ScaleByAmosState(NamedTuple):
-    """State of :func:`scale_by_amos` (same fields as the reference)."""
+    """State of :func:`scale_by_amos`.
+
+    ``v`` and ``b`` hold the slots of all parameters packed into one vector each (in
+    ``jax.tree.leaves`` order, each slot flattened); :func:`unpack_slots` gives them back as
+    trees of slot shapes.
+    """
 
     count: jax.Array  # int32 scalar: number of updates done so far.
-    v: optax.Updates  # running mean of squared gradients, slot shapes.
-    b: optax.Updates  # decay state, slot shapes.
+    v: jax.Array  # running mean of squared gradients, packed slots.
+    b: jax.Array  # decay state, packed slots.
 
 
 class AmosState(NamedTuple):
-    """State of :func:`amos`: the Amos slots plus the momentum (``None`` without one)."""
+    """State of :func:`amos`: the packed Amos slots plus the momentum (``None`` without one)."""
 
     count: jax.Array
-    v: optax.Updates
-    b: optax.Updates
+    v: jax.Array
+    b: jax.Array
     momentum: optax.Updates | None
 
 
@@ -163,6 +174,54 @@ def _check_hyperparameters(learning_rate, beta, extra_l2, d_coef, c_coef, epsilo
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
 
 
+class _Layout(NamedTuple):
+    """Where each parameter's slots sit in the packed ``v``/``b`` vectors."""
+
+    names: list[tuple[str, ...]]
+    slot_shapes: list[Shape]
+    offsets: list[int]  # len(names) + 1 entries
+    etas: list[float]
+    dtype: Any  # slot dtype: at least float32, float64 if any parameter is
+
+
+def _layout(params, eta_fn, shape_fn) -> _Layout:
+    names = leaf_names(params)
+    slot_shapes, offsets, etas, dtypes = [], [0], [], [jnp.float32]
+    for name, theta in zip(names, jax.tree.leaves(params), strict=True):
+        shape = tuple(theta.shape)
+        etas.append(validated_eta(name, shape, eta_fn(name, shape)))
+        slot_shape = (
+            shape if shape_fn is None else validated_slot_shape(name, shape, shape_fn(name, shape))
+        )
+        slot_shapes.append(slot_shape)
+        offsets.append(offsets[-1] + math.prod(slot_shape))
+        dtypes.append(slot_dtype(theta.dtype))
+    return _Layout(names, slot_shapes, offsets, etas, jnp.result_type(*dtypes))
+
+
+def unpack_slots(packed, params, shape_fn: ParamsFn | None = None):
+    """The packed ``v`` or ``b`` vector of an Amos state as a tree shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"w": jnp.ones((2, 3))}
+      >>> tx = scale_by_amos(0.1, lambda n, s: 1.0, lambda n, s: (1, 3))
+      >>> unpack_slots(tx.init(params).v, params, lambda n, s: (1, 3))["w"].shape
+      (1, 3)
+    """
+    layout = _layout(params, lambda name, shape: 1.0, shape_fn)
+    if isinstance(packed, jax.ShapeDtypeStruct):  # from jax.eval_shape
+        pieces = [jax.ShapeDtypeStruct(shape, packed.dtype) for shape in layout.slot_shapes]
+        return jax.tree.structure(params).unflatten(pieces)
+    pieces = [
+        packed[start:stop].reshape(slot_shape)
+        for start, stop, slot_shape in zip(
+            layout.offsets[:-1], layout.offsets[1:], layout.slot_shapes, strict=True
+        )
+    ]
+    return jax.tree.structure(params).unflatten(pieces)
+
+
 def _build(
     learning_rate,
     eta_fn,
@@ -187,68 +246,67 @@ def _build(
         )
 
     def init_fn(params):
-        treedef = jax.tree.structure(params)
-        leaves = jax.tree.leaves(params)
-        v_leaves, b_leaves, m_leaves = [], [], []
-        for name, theta in zip(leaf_names(params), leaves, strict=True):
-            shape = tuple(theta.shape)
-            validated_eta(name, shape, eta_fn(name, shape))
-            slot_shape = (
-                shape
-                if shape_fn is None
-                else validated_slot_shape(name, shape, shape_fn(name, shape))
-            )
-            dtype = slot_dtype(theta.dtype)
-            v_leaves.append(jnp.zeros(slot_shape, dtype))
-            b_leaves.append(jnp.zeros(slot_shape, dtype))
-            if momentum:
-                m_leaves.append(jnp.zeros(shape, momentum_dtype or dtype))
+        layout = _layout(params, eta_fn, shape_fn)
         count = jnp.zeros([], jnp.int32)
-        v, b = treedef.unflatten(v_leaves), treedef.unflatten(b_leaves)
+        v = jnp.zeros([layout.offsets[-1]], layout.dtype)
+        b = jnp.zeros([layout.offsets[-1]], layout.dtype)
         if not with_momentum_state:
             return ScaleByAmosState(count=count, v=v, b=b)
-        m = treedef.unflatten(m_leaves) if momentum else None
+        m = None
+        if momentum:
+            m = jax.tree.map(
+                lambda theta: jnp.zeros(theta.shape, momentum_dtype or slot_dtype(theta.dtype)),
+                params,
+            )
         return AmosState(count=count, v=v, b=b, momentum=m)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("Amos needs the parameters: call update(grads, state, params)")
+        layout = _layout(params, eta_fn, shape_fn)
+        if state.v.shape != (layout.offsets[-1],):
+            raise ValueError(
+                f"Amos state holds {state.v.shape} slot entries but the parameters need "
+                f"({layout.offsets[-1]},): the state was made for other parameters or shape_fn"
+            )
         treedef = jax.tree.structure(params)
-        names = leaf_names(params)
         thetas = treedef.flatten_up_to(params)
         grads = treedef.flatten_up_to(updates)
-        vs = treedef.flatten_up_to(state.v)
-        bs = treedef.flatten_up_to(state.b)
         ms = treedef.flatten_up_to(state.momentum) if momentum else [None] * len(thetas)
-
         count = optax.safe_int32_increment(state.count)
         xi = learning_rate(count) if callable(learning_rate) else learning_rate
-        out_u, out_v, out_b, out_m = [], [], [], []
-        for name, g, theta, v, b, m in zip(names, grads, thetas, vs, bs, ms, strict=True):
-            eta = validated_eta(name, tuple(theta.shape), eta_fn(name, tuple(theta.shape)))
-            u, v, b, m = _amos_leaf(
-                g,
-                theta,
-                v,
-                b,
-                m,
-                count=count,
-                xi=xi,
-                eta=eta,
-                beta=beta,
-                extra_l2=extra_l2,
-                d_coef=d_coef,
-                c_coef=c_coef,
-                epsilon=epsilon,
-                clip_value=clip_value,
-                momentum=momentum,
+        grads, g2 = _reduced_squares(grads, layout, clip_value, count)
+        v, b, theta_coef, grad_coef = _packed_slot_update(
+            g2,
+            state.v,
+            state.b,
+            layout,
+            count=count,
+            xi=xi,
+            beta=beta,
+            extra_l2=extra_l2,
+            d_coef=d_coef,
+            c_coef=c_coef,
+            epsilon=epsilon,
+        )
+        out_u, out_m = [], []
+        for i, (g, theta, m) in enumerate(zip(grads, thetas, ms, strict=True)):
+            start, stop, slot_shape = (
+                layout.offsets[i],
+                layout.offsets[i + 1],
+                layout.slot_shapes[i],
             )
-            out_u.append(u)
-            out_v.append(v)
-            out_b.append(b)
-            out_m.append(m)
+            # The only full-size work: one multiply-add pair per entry (plus the momentum).
+            u = (
+                theta_coef[start:stop].reshape(slot_shape) * theta.astype(layout.dtype)
+                + grad_coef[start:stop].reshape(slot_shape) * g
+            )
+            if momentum:
+                m = momentum * m.astype(layout.dtype) + (1 - momentum) * u
+                out_m.append(m.astype(ms[i].dtype))
+                u = m
+            out_u.append(u.astype(theta.dtype))
         new_updates = treedef.unflatten(out_u)
-        v, b = treedef.unflatten(out_v), treedef.unflatten(out_b)
         if not with_momentum_state:
             return new_updates, ScaleByAmosState(count=count, v=v, b=b)
         m = treedef.unflatten(out_m) if momentum else None
@@ -264,41 +322,46 @@ def _reduced_axes(slot_shape: Sequence[int], shape: Sequence[int]) -> tuple[int,
     return tuple(i for i, (s, k) in enumerate(zip(slot_shape, shape, strict=True)) if s < k)
 
 
-def _amos_leaf(
-    grad,
-    theta,
-    v,
-    b,
-    m,
-    *,
-    count,
-    xi,
-    eta,
-    beta,
-    extra_l2,
-    d_coef,
-    c_coef,
-    epsilon,
-    clip_value,
-    momentum,
-):
-    """One parameter's clip -> Amos -> momentum, fused into a single elementwise pass.
+def _reduced_squares(grads, layout: _Layout, clip_value, count):
+    """The (clipped) gradients and the packed vector of ``g2`` (mean square over reduced axes)."""
+    clipped, pieces = [], []
+    # XLA:CPU reduces `min(g**2, scalar)` about twice as fast when the scalar is a runtime
+    # value rather than a broadcast constant; `0 * count` is not folded for floats.
+    clip_square = (clip_value or 0.0) ** 2 + 0 * count.astype(layout.dtype)
+    for g, slot_shape in zip(grads, layout.slot_shapes, strict=True):
+        g = g.astype(layout.dtype)
+        squared = jnp.square(g)
+        if clip_value:
+            # clip(g)**2 == min(g**2, c**2) exactly; this form lets XLA fuse the clip into the
+            # reduction instead of writing the clipped gradient out first.
+            squared = jnp.minimum(squared, clip_square)
+            g = jnp.clip(g, -clip_value, clip_value)
+        axes = _reduced_axes(slot_shape, g.shape)
+        if axes is None:
+            g2 = jnp.mean(squared)
+        elif axes:
+            g2 = jnp.mean(squared, axis=axes)
+        else:
+            g2 = squared
+        clipped.append(g)
+        pieces.append(g2.reshape(-1))
+    if not pieces:
+        return clipped, jnp.zeros([0], layout.dtype)
+    return clipped, jnp.concatenate(pieces)
 
-    The slot-shaped quantities (``v``, ``b``, ``gamma``, ``d``, ``sqrt(r)``) are tiny for
-    factored slots; they are folded into two coefficients so each parameter entry costs one
-    multiply-add pair: ``u = theta_coef * theta + grad_coef * g``.
+
+def _packed_slot_update(
+    g2, v, b, layout: _Layout, *, count, xi, beta, extra_l2, d_coef, c_coef, epsilon
+):
+    """Amos on the packed slot vectors of all parameters at once.
+
+    Returns the new ``v`` and ``b`` and the two coefficients of the update
+    ``u = theta_coef * theta + grad_coef * g``. Doing this for every parameter in one vector
+    keeps the per-parameter work to one reduction and one elementwise pass.
     """
-    dtype = v.dtype
-    g = grad.astype(dtype)
-    if clip_value:
-        g = jnp.clip(g, -clip_value, clip_value)
-    axes = _reduced_axes(v.shape, g.shape)
-    if axes is None:
-        g2 = jnp.mean(jnp.square(g))
-    elif axes:
-        g2 = jnp.mean(jnp.square(g), axis=axes, keepdims=True)
-    else:
-        g2 = jnp.square(g)
+    dtype = layout.dtype
+    sizes = np.diff(layout.offsets)
+    eta = jnp.asarray(np.repeat(np.asarray(layout.etas, np.float64), sizes), dtype)
     xi = jnp.asarray(xi, dtype)
     bias_correction = 1 - jnp.power(jnp.asarray(beta, dtype), count.astype(dtype))
     v = beta * v + (1 - beta) * g2
@@ -308,12 +371,8 @@ def _amos_leaf(
     d = 1 / (1 + d_coef * jnp.sqrt(lr0) * b)
     theta_coef = -d * (0.5 * gamma + extra_l2)
     grad_coef = -d * lr0 * jnp.sqrt(r)
-    u = theta_coef * theta.astype(dtype) + grad_coef * g
     b = b + gamma * (1 + b)
-    if momentum:
-        m_new = momentum * m.astype(dtype) + (1 - momentum) * u
-        return m_new.astype(theta.dtype), v, b, m_new.astype(m.dtype)
-    return u.astype(theta.dtype), v, b, None
+    return v, b, theta_coef, grad_coef
 
 
 def scale_by_amos(
