@@ -148,6 +148,7 @@ class Estimator:
             state["opt_state"] = restored["opt_state"]
         if "extra" in restored:
             state.update(restored["extra"])
+        state["meta"] = restored.get("meta") or {}
         return step, state
 
     # ------------------------------------------------------------------ steps
@@ -289,6 +290,7 @@ class Estimator:
             checkpointer.close()
         if restored is None:
             raise TrainingError(f"train.warm_start={cfg.warm_start!r} holds no readable checkpoint")
+        restored.pop("meta", None)
         log.info("warm start from %s step %d (%s)", ckpt_dir, step, ", ".join(items))
         state = dict(state, **restored)
         if "ema" in state:
@@ -314,6 +316,9 @@ class Estimator:
         train_batches, eval_iterator = make_data(self.config.data)
         checkpointer = Checkpointer(self.workdir / "checkpoints", cfg.keep_checkpoints)
         step, state = self._restore(checkpointer, None)
+        # Metrics of the steps after the last log record travel with the checkpoint, so the
+        # logging windows of a resumed run are those of an uninterrupted one.
+        pending: list[tuple[int, dict]] = []
         if state is None:
             state = self.init_state()
             if cfg.warm_start:
@@ -321,6 +326,7 @@ class Estimator:
             step = 0
         else:
             log.info("resuming from step %d", step)
+            pending = [(s, m) for s, m in state.pop("meta").get("pending_metrics", [])]
         writer.truncate_after(step)
         if self._train_step is None:
             self._train_step = self._make_train_step()
@@ -330,7 +336,6 @@ class Estimator:
             for s in previous:
                 signal.signal(s, self._on_signal)
         self._write_status("running", step)
-        pending: list[tuple[int, dict]] = []
         last_saved = step if step else None
         try:
             with Progress(cfg.steps, step, self.progress) as progress:
@@ -342,14 +347,15 @@ class Estimator:
                     progress.advance(step)
                     stopping = self._stop_signal is not None
                     at_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps
-                    if step % cfg.log_every == 0 or at_checkpoint or stopping:
-                        means = self._flush(pending, writer, last_saved)
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        means = self._write_train_record(pending, writer, last_saved)
                         pending = []
                         progress.log(step, means)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                         writer.write(step, "eval", self._evaluate_state(state, eval_iterator))
                     if at_checkpoint or stopping:
-                        self._save(checkpointer, step, state)
+                        pending = self._checked(pending, last_saved)
+                        self._save(checkpointer, step, state, pending)
                         last_saved = step
                     if stopping:
                         checkpointer.close()
@@ -380,30 +386,42 @@ class Estimator:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _flush(self, pending, writer: MetricsWriter, last_saved) -> dict[str, float]:
-        """Writes the mean of the pending steps' metrics; stops on a non-finite loss."""
+    def _checked(self, pending, last_saved) -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' metrics on the host; stops on a non-finite loss."""
         host = jax.device_get([m for _, m in pending])
+        out = []
         for (step, _), metrics in zip(pending, host):
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
                 kept = (
                     f"the last good checkpoint (step {last_saved}) is kept"
                     if last_saved
-                    else ("no checkpoint had been written yet")
+                    else "no checkpoint had been written yet"
                 )
-                self._write_status("failed", step, error=f"loss {loss} at step {step}")
+                self._write_status("failed", step, error=f"loss {metrics['loss']} at step {step}")
                 raise TrainingError(
-                    f"training stopped: the loss is {loss} at step {step}; {kept} in "
-                    f"{self.workdir / 'checkpoints'}. Lower optimizer.learning_rate or enable "
-                    "optimizer.grad_clip_norm."
+                    f"training stopped: the loss is {metrics['loss']} at step {step}; {kept} "
+                    f"in {self.workdir / 'checkpoints'}. Lower optimizer.learning_rate or "
+                    "enable optimizer.grad_clip_norm."
                 )
-        means = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-        writer.write(pending[-1][0], "train", means)
+            out.append((step, metrics))
+        return out
+
+    def _write_train_record(self, pending, writer: MetricsWriter, last_saved) -> dict[str, float]:
+        """Writes the mean of the pending steps' metrics as one ``train`` record."""
+        host = self._checked(pending, last_saved)
+        means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+        writer.write(host[-1][0], "train", means)
         return means
 
-    def _save(self, checkpointer: Checkpointer, step: int, state) -> None:
+    def _save(self, checkpointer: Checkpointer, step: int, state, pending) -> None:
         t = self._templates(state)
-        meta = {"step": step, "family": self.config.family, "task": self.config.task}
+        meta = {
+            "step": step,
+            "family": self.config.family,
+            "task": self.config.task,
+            "pending_metrics": [[s, m] for s, m in pending],
+        }
         checkpointer.save(step, t["params"], t["opt_state"], t["extra"], meta)
 
     # ------------------------------------------------------------------ evaluate / predict

@@ -1,0 +1,80 @@
+"""End-to-end CLI tests on tiny settings: one per model family (train, eval, predict)."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flaxlab.cli import app
+from tests.train.tiny import TINY
+
+runner = CliRunner()
+
+
+def sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+MIXER_TINY = [
+    "model.hidden_size=16",
+    "model.num_blocks=1",
+    "model.tokens_mlp_dim=8",
+    "model.channels_mlp_dim=16",
+] + TINY[4:]
+
+
+@pytest.mark.parametrize("preset, tiny", [("mixer-digits", MIXER_TINY)])
+def test_train_eval_predict(tmp_path, preset, tiny):
+    workdir = tmp_path / preset
+    result = runner.invoke(app, ["train", preset, "--workdir", str(workdir), *sets(tiny)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy:" in result.output
+    result = runner.invoke(app, ["eval", str(workdir), "--step", "8"])
+    assert result.exit_code == 0 and "step 8: accuracy" in result.output, result.output
+    result = runner.invoke(app, ["predict", str(workdir), "--data", "digits"])
+    assert result.exit_code == 0, result.output
+    with np.load(workdir / "predictions.npz") as p:
+        assert p["prediction"].shape == (360,)
+    images = (np.arange(3 * 64) % 256).astype(np.uint8).reshape(3, 8, 8, 1)
+    np.savez(tmp_path / "mine.npz", image=images, label=np.array([1, 2, 3]))
+    out = tmp_path / "mine_pred.npz"
+    result = runner.invoke(
+        app, ["predict", str(workdir), "--data", str(tmp_path / "mine.npz"), "--output", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(out) as p:
+        assert p["prediction"].shape == (3,)
+
+
+def test_presets_lists_each_with_a_description():
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0
+    assert "vit-digits" in result.output and "mixer-digits" in result.output
+    result = runner.invoke(app, ["show-config", "vit-digits", "--set", "train.steps=5"])
+    assert result.exit_code == 0 and '"steps": 5' in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "vit-digits", "--set", "train.stepz=3"], "did you mean train.steps"),
+        (["train", "vit-digits", "--set", "data.batch_size=big"], "expected an int"),
+        (["train", "vit-digitz"], "unknown preset 'vit-digitz'"),
+        (["eval", "/nonexistent/run"], "not a flaxlab work directory"),
+        (["predict", "/nonexistent/run", "--data", "digits"], "not a flaxlab work directory"),
+    ],
+)
+def test_bad_input_fails_with_one_line(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_wrong_image_shape_names_both_shapes(tmp_path):
+    args = ["train", "vit-digits", "--workdir", str(tmp_path / "w")]
+    result = runner.invoke(app, args + sets(TINY + ["model.image_size=16,16"]))
+    assert result.exit_code == 2, result.output
+    assert "[batch, 16, 16, 1]" in result.output and "got shape (32, 8, 8, 1)" in result.output

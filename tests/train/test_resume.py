@@ -1,0 +1,88 @@
+"""Real processes: SIGKILL mid-run then restart, SIGTERM, and an uninterrupted twin.
+
+The resumed run must end with exactly the metrics of the uninterrupted one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flaxlab.train.metrics import read_jsonl
+
+SETTINGS = [
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.mlp_dim=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=360",
+    "optimizer.warmup_steps=5",
+    "train.steps=200",
+    "train.log_every=15",
+    "train.checkpoint_every=20",
+    "train.eval_every=100",
+    "train.keep_checkpoints=2",
+]
+
+
+def command(workdir: Path) -> list[str]:
+    args = [sys.executable, "-m", "flaxlab.cli", "train", "vit-digits", "--workdir", str(workdir)]
+    for s in SETTINGS:
+        args += ["--set", s]
+    return args + ["--no-progress"]
+
+
+def run_until_checkpoint(workdir: Path, at_least: int, sig: int) -> subprocess.Popen:
+    """Starts training, waits for a finished checkpoint >= at_least, sends ``sig``."""
+    proc = subprocess.Popen(command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = workdir / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = (
+            [
+                int(p.name)
+                for p in ckpt.glob("*")
+                if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+            ]
+            if ckpt.exists()
+            else []
+        )
+        if done and max(done) >= at_least:
+            break
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    status = json.loads((workdir / "status.json").read_text())
+    assert status["state"] == "running", "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_sigkill_and_sigterm_then_resume_reproduce_the_uninterrupted_run(tmp_path):
+    env = dict(os.environ)
+    straight = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "test accuracy" in straight.stdout
+
+    b = tmp_path / "b"
+    killed = run_until_checkpoint(b, 40, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+
+    stopped = run_until_checkpoint(b, 100, signal.SIGTERM)
+    out = stopped.stdout.read().decode()
+    assert stopped.returncode == 0, out[-3000:]
+    assert "stopped; checkpoint saved" in out
+    status = json.loads((b / "status.json").read_text())
+    assert status["state"] == "stopped"
+    ckpts = sorted(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == status["step"]  # saved at the step it stopped
+
+    resumed = subprocess.run(command(b), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_jsonl(b / "metrics.jsonl") == read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert json.loads((b / "status.json").read_text())["state"] == "done"
