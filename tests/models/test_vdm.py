@@ -198,6 +198,12 @@ def test_evaluate_bpd_and_interval(tiny_model, digits):
         np.asarray(out["bpd_recon"] + out["bpd_prior"] + out["bpd_diff"]),
         rtol=1e-6,
     )
+    sums = nnx.jit(lambda m, x: vdm.evaluation_sums(m, x, None, jax.random.key(0), 3))(
+        tiny_model, x
+    )
+    np.testing.assert_allclose(float(sums["bpd_sum"]), float(out["bpd"].sum()), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["bpd_sq_sum"]), float((out["bpd"] ** 2).sum()), rtol=1e-5)
+    assert float(sums["count"]) == 5
     vals = np.array([1.0, 2.0, 4.0])
     mean, half = vdm.bpd_confidence_interval(vals.sum(), (vals**2).sum(), 3)
     assert mean == pytest.approx(vals.mean())
@@ -213,6 +219,10 @@ def test_samplers(tiny_model):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     c = vdm.sample(tiny_model, jax.random.key(1), 3, 4, sampler="ddim")
     assert c.shape == (3, 8, 8, 1) and c.dtype == jnp.uint8
+    grid = vdm.image_grid(np.asarray(a), columns=2)
+    assert grid.shape == (2 * 9 + 1, 2 * 9 + 1, 1) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[10:18, 1:9], np.asarray(a)[2])
+    assert grid[10:18, 10:18].max() == 0  # the empty fourth cell
     with pytest.raises(ValueError, match="ancestral"):
         vdm.sample(tiny_model, jax.random.key(0), 3, 4, sampler="euler")
 

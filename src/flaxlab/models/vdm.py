@@ -39,7 +39,7 @@ from flaxlab.models.vdm_math import (
     reconstruction_loss,
     timestep_embedding,
 )
-from flaxlab.models.vdm_sampling import SAMPLERS, sample
+from flaxlab.models.vdm_sampling import SAMPLERS, image_grid, sample
 from flaxlab.models.vdm_schedules import (
     SCHEDULE_KINDS,
     FixedLinearSchedule,
@@ -83,6 +83,8 @@ __all__ = [
     "ode_log_density",
     "probability_flow_bpd",
     "SAMPLERS",
+    "image_grid",
+    "evaluation_sums",
     "VOCAB_SIZE",
 ]
 
@@ -347,6 +349,20 @@ def evaluate_bpd(model: VDM, images, labels, rng, num_draws: int = 4) -> dict[st
         "bpd_diff": jnp.mean(diff, 0) * scale,
     }
     out["bpd"] = out["bpd_recon"] + out["bpd_prior"] + out["bpd_diff"]
+    return out
+
+
+def evaluation_sums(model: VDM, images, labels, rng, num_draws: int = 4) -> dict[str, jax.Array]:
+    """Summed per-image bits/dim of a batch, for accumulation over a test set.
+
+    Returns ``{"bpd_sum", "bpd_sq_sum", "bpd_recon_sum", "bpd_prior_sum", "bpd_diff_sum",
+    "count"}``; after summing over batches, :func:`bpd_confidence_interval` of
+    ``(bpd_sum, bpd_sq_sum, count)`` gives the test bits/dim and its 95% interval.
+    """
+    per_image = evaluate_bpd(model, images, labels, rng, num_draws)
+    out = {f"{k}_sum": jnp.sum(v) for k, v in per_image.items()}
+    out["bpd_sq_sum"] = jnp.sum(jnp.square(per_image["bpd"]))
+    out["count"] = jnp.asarray(images.shape[0], jnp.float32)
     return out
 
 

@@ -9,9 +9,11 @@ from it with ``config.sample_softmax``).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxlab.models.vdm_math import ancestral_step, ddim_step, decoder_logits
@@ -65,7 +67,7 @@ def sample(
     model,
     rng,
     num: int,
-    steps: int = 1000,
+    steps: int | None = None,
     *,
     sampler: str = "ancestral",
     guidance: float = 0.0,
@@ -87,7 +89,8 @@ def sample(
       model: a VDM.
       rng: PRNG key.
       num: number of images.
-      steps: network evaluations (times two with guidance).
+      steps: network evaluations (times two with guidance); default the model's discrete
+        ``timesteps`` ``T`` if it has them, else 1000 (the reference's choice).
       sampler: ``"ancestral"`` or ``"ddim"``.
       guidance: ``w >= 0``.
       labels: int ``[num]`` or None.
@@ -98,6 +101,8 @@ def sample(
     Example:
       >>> images = sample(model, jax.random.key(0), num=64, steps=1000)
     """
+    if steps is None:
+        steps = model.config.timesteps or 1000
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
     if num < 1 or steps < 1:
@@ -119,3 +124,30 @@ def sample(
         sampler=sampler,
         guidance=float(guidance),
     )
+
+
+def image_grid(images, columns: int | None = None, padding: int = 1) -> np.ndarray:
+    """Tiles uint8 images ``[N, H, W, C]`` into one ``[rows (H + p) + p, cols (W + p) + p, C]``
+    uint8 array (padding 0 = black), e.g. for ``PIL.Image.fromarray(grid.squeeze(-1))``.
+
+    Args:
+      images: ``[N, H, W, C]`` uint8.
+      columns: images per row; default ``ceil(sqrt(N))``.
+      padding: pixels between and around images.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    if columns < 1 or padding < 0:
+        raise ValueError(f"need columns >= 1 and padding >= 0, got {columns}, {padding}")
+    rows = math.ceil(n / columns)
+    grid = np.zeros(
+        (rows * (h + padding) + padding, columns * (w + padding) + padding, c), images.dtype
+    )
+    for i in range(n):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = images[i]
+    return grid
