@@ -230,7 +230,7 @@ def test_load_loss_gradient_flows_to_clean_logits():
     def total(z):
         return top_k_routing(z, 2, capacity=4, noise_std=1.0, noise=noise).load_loss.sum()
 
-    assert float(jnp.abs(jax.grad(total)(logits)).sum()) > 0
+    assert float(jnp.abs(jax.jit(jax.grad(total))(logits)).sum()) > 0
 
 
 # ---------------------------------------------------------------- experts choice
@@ -264,7 +264,7 @@ def jitted_routing(k, capacity, batch_priority, noise_std):
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     config=st.sampled_from(PROPERTY_CONFIGS),

@@ -88,6 +88,15 @@ __all__ = [
 ROUTING_KINDS = ("top_k", "experts_choice")
 
 
+def _shared(initializer):
+    """Draws one expert's slice and repeats it over the leading expert axis."""
+
+    def init(key, shape, dtype):
+        return jnp.broadcast_to(initializer(key, shape[1:], dtype), shape)
+
+    return init
+
+
 def _param(initializer, key, shape, dtype, axes):
     return nnx.Param(initializer(key, shape, dtype), out_sharding=axes, eager_sharding=False)
 
@@ -96,13 +105,15 @@ class MoeMlp(nnx.Module):
     """``E`` stacked expert MLPs ``Dense -> tanh-GELU -> Dense`` with biases.
 
     Initialisation as the ViT MLP block of the reference: Xavier-uniform kernels (fans per
-    expert), biases ``N(0, 1e-6)``; every expert gets its own draw.
+    expert), biases ``N(0, 1e-6)``. With ``share_init`` every expert starts from the same draw
+    (the V-MoE paper configs, ``split_rngs=False``); otherwise each expert gets its own.
 
     Args:
       num_experts: ``E``.
       in_features: ``D``.
       mlp_dim: ``H``.
       out_features: ``O`` (default ``D``).
+      share_init: identical initial weights for all experts.
       param_dtype: parameter dtype.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
@@ -119,6 +130,7 @@ class MoeMlp(nnx.Module):
         mlp_dim: int,
         *,
         out_features: int | None = None,
+        share_init: bool = False,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -126,6 +138,8 @@ class MoeMlp(nnx.Module):
         self.num_experts = num_experts
         kernel_init = jax.nn.initializers.xavier_uniform(batch_axis=(0,))
         bias_init = jax.nn.initializers.normal(stddev=1e-6)
+        if share_init:
+            kernel_init, bias_init = _shared(kernel_init), _shared(bias_init)
         e, d, h, o = num_experts, in_features, mlp_dim, out_features
         self.fc1_kernel = _param(
             kernel_init, rngs.params(), (e, d, h), param_dtype, ("expert", "embed", "mlp")
@@ -279,7 +293,7 @@ def routing_metrics(
         return {
             "auxiliary_loss": jnp.zeros((), jnp.float32),
             "expert_load": jnp.full((num_experts,), 1.0 / num_experts, jnp.float32),
-            "dropped_fraction": 1.0 - jnp.mean(taken.astype(jnp.float32)),
+            "dropped_fraction": jnp.mean((~taken).astype(jnp.float32)),
             "router_entropy": entropy,
         }
     losses = {"importance_loss": routing.importance_loss, "gshard_loss": routing.gshard_loss}
@@ -292,7 +306,7 @@ def routing_metrics(
         jnp.zeros_like(routing.importance_loss),
     )
     load = jnp.mean(jax.nn.one_hot(routing.expert_index, num_experts), axis=(0, 1, 2))
-    dropped = 0.0 if dropless else 1.0 - jnp.mean(routing.valid.astype(jnp.float32))
+    dropped = 0.0 if dropless else jnp.mean((~routing.valid).astype(jnp.float32))
     metrics = {name: jnp.mean(loss) for name, loss in losses.items()}
     metrics.update(
         auxiliary_loss=jnp.mean(total),
@@ -352,6 +366,7 @@ class MoeLayer(nnx.Module):
         importance_loss_weight: float = 1.0,
         load_loss_weight: float = 1.0,
         gshard_loss_weight: float = 0.0,
+        share_expert_init: bool = False,
         mesh: jax.sharding.Mesh | None = None,
         expert_axis: str = "expert",
         param_dtype=jnp.float32,
@@ -386,6 +401,7 @@ class MoeLayer(nnx.Module):
             in_features,
             mlp_dim,
             out_features=out_features,
+            share_init=share_expert_init,
             param_dtype=param_dtype,
             rngs=rngs,
         )
@@ -400,6 +416,7 @@ class MoeLayer(nnx.Module):
         capacity_factor: float | None = None,
         batch_priority: bool | None = None,
         dispatch_kind: str | None = None,
+        group_size: int | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Applies the block; the keyword overrides change routing for this call only.
 
@@ -407,7 +424,8 @@ class MoeLayer(nnx.Module):
           x: ``(B, T, D)`` tokens.
           deterministic: no router noise when True (evaluation).
           rngs: ``nnx.Rngs`` with a ``gating`` stream (or ``default``) when noise is drawn.
-          num_selected_experts, capacity_factor, batch_priority, dispatch_kind: overrides.
+          num_selected_experts, capacity_factor, batch_priority, dispatch_kind, group_size:
+            overrides of the layer's settings for this call.
 
         Returns:
           ``(y, aux)``: ``y`` of shape ``(B, T, O)`` and the :func:`routing_metrics` dict.
@@ -417,7 +435,7 @@ class MoeLayer(nnx.Module):
         kind = self.dispatch_kind if dispatch_kind is None else dispatch_kind
         check_dispatch_kind(kind, self.router.routing_kind)
         batch, tokens, dim = x.shape
-        group_size = tokens if self.group_size is None else self.group_size
+        group_size = group_size or self.group_size or tokens
         if (batch * tokens) % group_size:
             raise ValueError(
                 f"batch * tokens = {batch * tokens} is not a multiple of group_size={group_size}."
