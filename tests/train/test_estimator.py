@@ -45,6 +45,7 @@ def test_training_writes_metrics_checkpoints_curves_and_status(trained):
     assert records[-1] == {"step": 12, "split": "eval", **final}
     for key in ("loss", "accuracy", "grad_norm", "learning_rate"):
         assert key in records[0]
+    assert "steps_per_second" not in records[0] and records[1]["steps_per_second"] > 0
     assert Checkpointer(workdir / "checkpoints", read_only=True).steps() == [4, 8, 12]
     assert (workdir / "curves.png").stat().st_size > 5000
     status = json.loads((workdir / "status.json").read_text())

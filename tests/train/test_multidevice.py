@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent(
     assert abs(final8["loss"] - final1["loss"]) < 1e-4, (final8, final1)
     _, s8 = eight._restore(Checkpointer(root + "/eight/checkpoints", read_only=True), None)
     _, s1 = one._restore(Checkpointer(root + "/one/checkpoints", read_only=True), None)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                                         s8["params"], s1["params"]))
+    gap = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    diffs = jax.tree.leaves(jax.tree.map(gap, s8["params"], s1["params"]))
     assert max(diffs) < 1e-4, max(diffs)  # Adam normalises tiny gradient differences
     # The batch really is split over 8 devices.
     from flaxlab.train import sharding

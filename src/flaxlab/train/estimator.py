@@ -82,6 +82,7 @@ class Estimator:
         shd.maybe_initialize_distributed()
         self.mesh = shd.make_mesh(num_devices)
         self._stop_signal: int | None = None
+        self._window_start: float | None = None
         model = nnx.eval_shape(lambda: self.task.init_model(nnx.Rngs(config.train.seed)))
         self.graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
         self._abstract = (abstract_params, abstract_rest)
@@ -336,6 +337,7 @@ class Estimator:
             for s in previous:
                 signal.signal(s, self._on_signal)
         self._write_status("running", step)
+        self._window_start = None  # the first window (compilation) reports no throughput
         last_saved = step if step else None
         try:
             with Progress(cfg.steps, step, self.progress) as progress:
@@ -411,6 +413,11 @@ class Estimator:
         """Writes the mean of the pending steps' metrics as one ``train`` record."""
         host = self._checked(pending, last_saved)
         means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+        now = time.perf_counter()
+        if self._window_start is not None:
+            # Wall-clock throughput of the window (the host sync above included).
+            means["steps_per_second"] = len(host) / max(now - self._window_start, 1e-9)
+        self._window_start = now
         writer.write(host[-1][0], "train", means)
         return means
 
