@@ -19,7 +19,8 @@ elementwise to ``[-clip_value, clip_value]`` before these steps and returns the 
 ``m = momentum * m + (1 - momentum) * u`` (no bias correction) instead of ``u``. These are
 the numbers of google-research/jestimator ``amos.py``; beyond it:
 
-* slots (``v``, ``b`` and the momentum) are kept in float32 for bfloat16/float16 parameters,
+* slots (``v``, ``b`` and the momentum) are kept in float32 for bfloat16/float16 parameters
+  (the packed ``v``/``b`` are float64 when any parameter is),
   and ``epsilon`` is raised to the smallest normal of the slot dtype, so zero-gradient rows do
   not give ``0 * inf = NaN`` (the reference's ``2**-125`` underflows to 0 in float16);
 * ``shape_fn`` results and ``eta_fn`` values are validated at ``init`` with errors that name
@@ -35,7 +36,8 @@ Leaves of any pytree (nested dicts, lists, ``nnx.State``) are named by their pat
 of strings: dict keys, list indices as ``str(i)``, attribute names; an ``nnx.Variable``
 contributes no component of its own. A bare array is named ``()``.
 
-The per-parameter rule helper and default rules live in :mod:`flaxlab.optim.amos_rules`.
+The per-parameter rule helper lives in :mod:`flaxlab.optim.amos_rules`, the default rules
+derived from names and shapes (and ``amos_with_defaults``) in :mod:`flaxlab.optim.amos_defaults`.
 """
 
 from __future__ import annotations

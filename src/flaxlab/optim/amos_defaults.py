@@ -1,6 +1,6 @@
 """Default Amos rules derived from parameter names and shapes, and a table of what they give.
 
-The paper's BERT recipe (arXiv 2210.11693, Sec. 4) is: LayerNorm scale ``eta = 1``, biases
+The paper's BERT recipe (arXiv 2210.11693) is: LayerNorm scale ``eta = 1``, biases
 ``0.5``, embeddings ``sqrt(2 / hidden)``, the MLP output kernel ``sqrt(2 / mlp)``, every other
 kernel ``sqrt(1 / hidden)``; slots ``(1, out)`` for kernels, ``(vocab, 1)`` for embeddings,
 ``()`` otherwise. Every kernel in that recipe has ``eta = sqrt(gain / fan_in)`` -- the entry
