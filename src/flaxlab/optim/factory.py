@@ -6,17 +6,29 @@ The config is duck-typed (any object with the fields of
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
+from flaxlab.optim.amos_defaults import amos_with_defaults
+
+
+def peak_learning_rate(config, total_steps: int) -> float:
+    """The schedule's peak: ``learning_rate``; for Amos, ``amos_learning_rate`` (its ``xi``)
+    or, when that is unset, the paper's rule ``xi = 1 / sqrt(number of batches)``."""
+    if config.name == "amos":
+        xi = getattr(config, "amos_learning_rate", None)
+        return float(xi) if xi is not None else 1.0 / math.sqrt(max(total_steps, 1))
+    return config.learning_rate
+
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then cosine, linear or constant decay.
+    """Linear warmup to the peak learning rate, then cosine, linear or constant decay.
 
-    The decay runs over the steps after warmup and ends at
-    ``learning_rate * end_learning_rate_factor``.
+    The decay runs over the steps after warmup and ends at ``peak * end_learning_rate_factor``.
     """
-    peak = config.learning_rate
+    peak = peak_learning_rate(config, total_steps)
     end = peak * config.end_learning_rate_factor
     warmup = min(config.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
@@ -72,6 +84,16 @@ def make_optimizer(config, total_steps: int, params=None) -> optax.GradientTrans
             optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
             optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
         )
+    elif config.name == "amos":
+        # Default rules derived from each parameter's name and shape (fan-in eta, factored
+        # slots); Amos decays weights adaptively, so `weight_decay` does not apply.
+        tx = amos_with_defaults(
+            schedule,
+            beta=config.amos_beta,
+            momentum=config.amos_momentum,
+            clip_value=config.amos_clip_value,
+            extra_l2=config.amos_extra_l2,
+        )
     else:
         raise ValueError(f"optimizer.name={config.name!r} is not supported; accepted: {OPTIMIZERS}")
     if config.grad_clip_norm is not None:
@@ -79,4 +101,4 @@ def make_optimizer(config, total_steps: int, params=None) -> optax.GradientTrans
     return tx
 
 
-OPTIMIZERS = ["adamw", "sgd"]
+OPTIMIZERS = ["adamw", "sgd", "amos"]

@@ -60,8 +60,11 @@ class OptimizerConfig:
       momentum, nesterov: SGD momentum.
       grad_clip_norm: clip the global gradient norm to this (None: no clipping).
       grad_accum_steps: split each batch into this many micro-batches and sum their gradients.
+      amos_learning_rate: Amos's global learning rate ``xi`` (default: the paper's rule
+        ``1 / sqrt(train.steps)``); ``learning_rate`` is not used by Amos.
       amos_beta, amos_momentum, amos_clip_value, amos_extra_l2: Amos settings (see
-        :func:`flaxlab.optim.amos`).
+        :func:`flaxlab.optim.amos`; defaults are the paper's BERT settings: momentum 0.9,
+        elementwise clip 1.0).
     """
 
     name: str = "adamw"
@@ -77,6 +80,7 @@ class OptimizerConfig:
     nesterov: bool = False
     grad_clip_norm: float | None = 1.0
     grad_accum_steps: int = 1
+    amos_learning_rate: float | None = None
     amos_beta: float = 0.999
     amos_momentum: float | None = 0.9
     amos_clip_value: float | None = 1.0
