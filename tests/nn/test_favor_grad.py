@@ -17,7 +17,7 @@ def dense_core(q, e, c, v):
     lower = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))
     exponent = jnp.where(lower[:, :, None], c[:, None] - c[:, :, None], -jnp.inf)  # [B, i, j, H]
     scores = jnp.einsum("bihm,bjhm->bijh", q, e) * jnp.exp(exponent)
-    return jnp.einsum("bijh,bjhd->bihd", scores, v)
+    return jnp.einsum("bijh,bjhd->bihd", scores, v), scores.sum(2)
 
 
 def dense_causal_softmax(q, k, v, w, mask):
@@ -55,10 +55,21 @@ def inputs():
     return q, k, v, w, mask
 
 
+def _probe_loss(fn, probe):
+    """sum(out * probe) for one output; y and z both probed for the core's (y, z)."""
+
+    def loss(*args):
+        out = fn(*args)
+        if isinstance(out, tuple):
+            y, z = out
+            return jnp.sum(y * probe) + jnp.sum(z * probe[..., 0])
+        return jnp.sum(out * probe)
+
+    return loss
+
+
 def _loss_grads(fn, args, probe):
-    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=tuple(range(len(args)))))(
-        *args
-    )
+    return jax.jit(jax.grad(_probe_loss(fn, probe), argnums=tuple(range(len(args)))))(*args)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 4, 16])
@@ -72,7 +83,8 @@ def test_core_vjp_matches_dense_autodiff(inputs, chunk_size):
     def chunked(q, e, c, v):
         return favor.chunked_causal_linear_attention(q, e, c, v, chunk_size=chunk_size)
 
-    np.testing.assert_allclose(chunked(q, e, c, v), dense_core(q, e, c, v), rtol=2e-5, atol=1e-5)
+    for got, want in zip(chunked(q, e, c, v), dense_core(q, e, c, v)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
     got = _loss_grads(chunked, (q, e, c, v), probe)
     want = _loss_grads(dense_core, (q, e, c, v), probe)
     for g, w in zip(got, want):
@@ -118,8 +130,8 @@ def test_relu_causal_grads_match_dense_autodiff(inputs):
 
 def _check_directional_derivatives(fn, args, key, num_directions=3, step=1e-5):
     """<grad f, u> vs the central difference (f(x + h u) - f(x - h u)) / 2h, all args at once."""
-    probe = jax.random.normal(key, fn(*args).shape, args[0].dtype)
-    loss = jax.jit(lambda *a: jnp.sum(fn(*a) * probe))
+    probe = jax.random.normal(key, args[-1].shape, args[-1].dtype)
+    loss = jax.jit(_probe_loss(fn, probe))
     grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
     for i in range(num_directions):
         keys = jax.random.split(jax.random.fold_in(key, i), len(args))

@@ -68,55 +68,75 @@ def _intra_chunk_decay(offsets: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(lower, exponent, -jnp.inf))
 
 
+def _chunk_offsets(c):
+    """Offsets of the state entering each chunk (the last offset of the chunk before; the first
+    chunk's own first offset, its state being zero) and of the state leaving it."""
+    end = c[..., -1]
+    start = jnp.concatenate([c[:1, ..., 0], end[:-1]], axis=0)
+    return start, end
+
+
 def _forward_chunks(q, e, c, v):
-    """Chunk-major forward pass. Returns outputs and the state entering every chunk."""
-    state0 = jnp.zeros(q.shape[1:3] + (q.shape[-1], v.shape[-1]), q.dtype)
-    offset0 = c[0, :, :, 0]
+    """Chunk-major forward pass ``[N, B, H, C, *]``.
 
-    def body(carry, chunk):
-        state, state_offset = carry
-        qc, ec, cc, vc = chunk
-        weights = jnp.einsum("bhim,bhjm->bhij", qc, ec) * _intra_chunk_decay(cc)
-        out = jnp.einsum("bhij,bhjd->bhid", weights, vc)
-        out += jnp.exp(state_offset[..., None] - cc)[..., None] * jnp.einsum(
-            "bhim,bhmd->bhid", qc, state
-        )
-        end_offset = cc[..., -1]
-        rescaled_keys = ec * jnp.exp(cc - end_offset[..., None])[..., None]
-        new_state = jnp.exp(state_offset - end_offset)[..., None, None] * state
-        new_state += jnp.einsum("bhjm,bhjd->bhmd", rescaled_keys, vc)
-        return (new_state, end_offset), (out, state, state_offset)
+    All matmuls are batched over chunks; only the ``[M, D]`` state recurrence
+    ``S_{n+1} = e^{cs_n - ce_n} S_n + sum_{j in n} e^{c_j - ce_n} E_j V_j^T`` runs as a
+    ``lax.scan`` over chunks (elementwise work only). Returns outputs and residuals.
+    """
+    start, end = _chunk_offsets(c)
+    to_end = jnp.exp(c - end[..., None])[..., None]
+    from_start = jnp.exp(start[..., None] - c)[..., None]
+    keys_to_end = e * to_end
+    local_kv = jnp.einsum("nbhjm,nbhjd->nbhmd", keys_to_end, v)
+    local_ks = jnp.sum(keys_to_end, axis=-2)
+    carry_scale = jnp.exp(start - end)
 
-    _, (out, states, state_offsets) = lax.scan(body, (state0, offset0), (q, e, c, v))
-    return out, states, state_offsets
+    def advance(state, chunk):
+        kv, ks = state
+        scale, lkv, lks = chunk
+        return (scale[..., None, None] * kv + lkv, scale[..., None] * ks + lks), state
+
+    zero = (jnp.zeros_like(local_kv[0]), jnp.zeros_like(local_ks[0]))
+    _, (kv, ks) = lax.scan(advance, zero, (carry_scale, local_kv, local_ks))
+    weights = jnp.einsum("nbhim,nbhjm->nbhij", q, e) * _intra_chunk_decay(c)
+    numerator = jnp.einsum("nbhij,nbhjd->nbhid", weights, v)
+    numerator += from_start * jnp.einsum("nbhim,nbhmd->nbhid", q, kv)
+    denominator = jnp.sum(weights, axis=-1)
+    denominator += from_start[..., 0] * jnp.einsum("nbhim,nbhm->nbhi", q, ks)
+    return (numerator, denominator), (kv, ks, weights)
 
 
-def _backward_chunks(q, e, c, v, states, state_offsets, d_out):
-    """Reverse scan over chunks; carries G = sum_{i in later chunks} e^{c_end - c_i} Q_i dy_i^T."""
-    grad_state0 = jnp.zeros_like(states[0])
+def _backward_chunks(q, e, c, v, kv, ks, weights, d_num, d_den):
+    """Reverse of :func:`_forward_chunks`: batched matmuls plus a reverse scan over chunks for
+    ``G_n = sum_{i after chunk n} e^{ce_n - c_i} Q_i dy_i^T`` (the leaving state's gradient)."""
+    start, end = _chunk_offsets(c)
+    to_end = jnp.exp(c - end[..., None])[..., None]
+    from_start = jnp.exp(start[..., None] - c)[..., None]
+    scaled_queries = q * from_start
+    local_gkv = jnp.einsum("nbhim,nbhid->nbhmd", scaled_queries, d_num)
+    local_gks = jnp.einsum("nbhim,nbhi->nbhm", scaled_queries, d_den)
+    carry_scale = jnp.exp(start - end)
 
-    def body(grad_state, chunk):
-        qc, ec, cc, vc, dyc, state, state_offset = chunk
-        end_offset = cc[..., -1]
-        decay = _intra_chunk_decay(cc)
-        weights = jnp.einsum("bhim,bhjm->bhij", qc, ec) * decay
-        d_weights = jnp.einsum("bhid,bhjd->bhij", dyc, vc) * decay
-        to_end = jnp.exp(cc - end_offset[..., None])[..., None]
-        from_start = jnp.exp(state_offset[..., None] - cc)[..., None]
-        dq = jnp.einsum("bhij,bhjm->bhim", d_weights, ec)
-        dq += from_start * jnp.einsum("bhid,bhmd->bhim", dyc, state)
-        de = jnp.einsum("bhij,bhim->bhjm", d_weights, qc)
-        de += to_end * jnp.einsum("bhmd,bhjd->bhjm", grad_state, vc)
-        dv = jnp.einsum("bhij,bhid->bhjd", weights, dyc)
-        dv += to_end * jnp.einsum("bhjm,bhmd->bhjd", ec, grad_state)
-        dc = jnp.sum(ec * de, axis=-1) - jnp.sum(qc * dq, axis=-1)
-        new_grad_state = jnp.exp(state_offset - end_offset)[..., None, None] * grad_state
-        new_grad_state += jnp.einsum("bhim,bhid->bhmd", qc * from_start, dyc)
-        return new_grad_state, (dq, de, dc, dv)
+    def retreat(grad_out, chunk):
+        gkv, gks = grad_out
+        scale, lgkv, lgks = chunk
+        return (lgkv + scale[..., None, None] * gkv, lgks + scale[..., None] * gks), grad_out
 
-    xs = (q, e, c, v, d_out, states, state_offsets)
-    _, grads = lax.scan(body, grad_state0, xs, reverse=True)
-    return grads
+    zero = (jnp.zeros_like(local_gkv[0]), jnp.zeros_like(local_gks[0]))
+    xs = (carry_scale, local_gkv, local_gks)
+    _, (grad_kv, grad_ks) = lax.scan(retreat, zero, xs, reverse=True)
+    d_weights = jnp.einsum("nbhid,nbhjd->nbhij", d_num, v) + d_den[..., None]
+    d_weights *= _intra_chunk_decay(c)
+    dq = jnp.einsum("nbhij,nbhjm->nbhim", d_weights, e)
+    dq += from_start * (
+        jnp.einsum("nbhid,nbhmd->nbhim", d_num, kv) + d_den[..., None] * ks[..., None, :]
+    )
+    de = jnp.einsum("nbhij,nbhim->nbhjm", d_weights, q)
+    de += to_end * (jnp.einsum("nbhmd,nbhjd->nbhjm", grad_kv, v) + grad_ks[..., None, :])
+    dv = jnp.einsum("nbhij,nbhid->nbhjd", weights, d_num)
+    dv += to_end * jnp.einsum("nbhjm,nbhmd->nbhjd", e, grad_kv)
+    dc = jnp.sum(e * de, axis=-1) - jnp.sum(q * dq, axis=-1)
+    return dq, de, dc, dv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -124,34 +144,32 @@ def _chunked_core(q, e, c, v, chunk_size):
     return _chunked_core_fwd(q, e, c, v, chunk_size)[0]
 
 
-def _pad_and_chunk(q, e, c, v, chunk_size):
-    length = q.shape[1]
-    num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
+def _pad_to_chunks(x, num_chunks, chunk_size, mode="constant"):
+    pad = num_chunks * chunk_size - x.shape[1]
     if pad:
-        widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
-        q, e, v = (jnp.pad(x, widths) for x in (q, e, v))
-        c = jnp.pad(c, widths[:3], mode="edge")
-    return tuple(_to_chunks(x, num_chunks, chunk_size) for x in (q, e, c, v))
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode=mode)
+    return _to_chunks(x, num_chunks, chunk_size)
 
 
 def _chunked_core_fwd(q, e, c, v, chunk_size):
-    qc, ec, cc, vc = _pad_and_chunk(q, e, c, v, chunk_size)
-    out, states, state_offsets = _forward_chunks(qc, ec, cc, vc)
     length = q.shape[1]
-    return _from_chunks(out)[:, :length], (qc, ec, cc, vc, states, state_offsets)
+    num_chunks = -(-length // chunk_size)
+    qc, ec, vc = (_pad_to_chunks(x, num_chunks, chunk_size) for x in (q, e, v))
+    cc = _pad_to_chunks(c, num_chunks, chunk_size, mode="edge")
+    (numerator, denominator), (kv, ks, weights) = _forward_chunks(qc, ec, cc, vc)
+    outputs = (_from_chunks(numerator)[:, :length], _from_chunks(denominator)[:, :length])
+    return outputs, (qc, ec, cc, vc, kv, ks, weights)
 
 
-def _chunked_core_bwd(chunk_size, residuals, d_out):
-    qc, ec, cc, vc, states, state_offsets = residuals
-    length = d_out.shape[1]
+def _chunked_core_bwd(chunk_size, residuals, cotangents):
+    qc, ec, cc, vc, kv, ks, weights = residuals
+    d_num, d_den = cotangents
+    length = d_num.shape[1]
     num_chunks = qc.shape[0]
-    pad = num_chunks * chunk_size - length
-    if pad:
-        d_out = jnp.pad(d_out, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    d_out = _to_chunks(d_out, num_chunks, chunk_size)
-    dq, de, dc, dv = _backward_chunks(qc, ec, cc, vc, states, state_offsets, d_out)
-    return tuple(_from_chunks(g)[:, :length] for g in (dq, de, dc, dv))
+    d_num = _pad_to_chunks(d_num, num_chunks, chunk_size)
+    d_den = _pad_to_chunks(d_den, num_chunks, chunk_size)
+    grads = _backward_chunks(qc, ec, cc, vc, kv, ks, weights, d_num, d_den)
+    return tuple(_from_chunks(g)[:, :length] for g in grads)
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
@@ -164,8 +182,12 @@ def chunked_causal_linear_attention(
     v: jax.Array,
     *,
     chunk_size: int | None = None,
-) -> jax.Array:
-    r"""``y_i = sum_{j<=i} exp(c_j - c_i) (Q_i . E_j) V_j``, chunked in both passes.
+) -> tuple[jax.Array, jax.Array]:
+    r"""Causal numerator and denominator with per-position log-offsets, chunked in both passes.
+
+    .. math::
+        y_i = \sum_{j \le i} e^{c_j - c_i} (Q_i \cdot E_j) V_j, \qquad
+        z_i = \sum_{j \le i} e^{c_j - c_i} (Q_i \cdot E_j)
 
     Args:
       q: query features ``[batch, length, heads, M]``.
@@ -176,13 +198,17 @@ def chunked_causal_linear_attention(
       chunk_size: positions per chunk; ``None`` picks :func:`default_chunk_size`.
 
     Returns:
-      ``[batch, length, heads, D]``. Differentiable in all four arrays (custom VJP whose
-      backward pass is a reverse scan over chunks).
+      ``(y, z)`` of shapes ``[batch, length, heads, D]`` and ``[batch, length, heads]``.
+      Differentiable in all four inputs (custom VJP whose backward pass is a reverse scan over
+      chunks storing one ``[M, D]`` state per chunk).
 
     Example:
       >>> q = e = jnp.ones((1, 5, 1, 3)); v = jnp.arange(5.0).reshape(1, 5, 1, 1)
-      >>> chunked_causal_linear_attention(q, e, jnp.zeros((1, 5, 1)), v, chunk_size=2)[0, :, 0, 0]
+      >>> y, z = chunked_causal_linear_attention(q, e, jnp.zeros((1, 5, 1)), v, chunk_size=2)
+      >>> y[0, :, 0, 0]
       Array([ 0.,  3.,  9., 18., 30.], dtype=float32)
+      >>> z[0, :, 0]
+      Array([ 3.,  6.,  9., 12., 15.], dtype=float32)
     """
     chunk = default_chunk_size(q.shape[1]) if chunk_size is None else int(chunk_size)
     if chunk < 1:
@@ -235,9 +261,9 @@ def causal_numerator_denominator(
 ) -> tuple[jax.Array, jax.Array]:
     """Causal numerator ``[B, L, H, D]`` and denominator ``[B, L, H]`` from :class:`CausalTerms`."""
     qf, kf, offsets, eps_weights = terms
-    values_and_ones = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-    both = chunked_causal_linear_attention(qf, kf, offsets, values_and_ones, chunk_size=chunk_size)
-    numerator, denominator = both[..., :-1], both[..., -1]
+    numerator, denominator = chunked_causal_linear_attention(
+        qf, kf, offsets, v, chunk_size=chunk_size
+    )
     if eps_weights is not None:
         query_sums = jnp.sum(qf, axis=-1)
         numerator += query_sums[..., None] * jnp.cumsum(eps_weights[..., None] * v, axis=1)
