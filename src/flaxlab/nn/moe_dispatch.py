@@ -8,7 +8,8 @@ Shapes: tokens ``x`` are ``(G, S, D)``; an expert buffer is ``(G, E, C, D)`` (sl
 * ``"einsum"``: the V-MoE reference's one-hot einsums with the ``(G, S, E, C)`` dispatch and
   combine tensors. Memory and FLOPs grow as ``S * E * C ~ S**2 * K * capacity_factor`` per group.
 * ``"indices"``: gathers with the compact (expert, position) indices; linear in ``S``.
-  Identical outputs to ``"einsum"``.
+  Identical outputs to ``"einsum"``. Both directions of the token <-> slot maps are kept, so
+  the backward passes are gathers too (no scatter-add, which is slow on CPU and GPU).
 * ``"ragged"``: dropless (top-k routing only): every assignment is processed, whatever the
   capacity, by sorting the ``S * K`` assignments by expert and running the expert MLP as grouped
   matmuls (:func:`jax.lax.ragged_dot`). Equal to the other two wherever no assignment is dropped.
@@ -65,19 +66,16 @@ def dispatch(x: jax.Array, routing: Routing, kind: str = "indices") -> jax.Array
         token_of_slot = routing.token_index.reshape(num_groups, -1)
         buffer = jnp.take_along_axis(x, token_of_slot[..., None], axis=1)
         return buffer.reshape(num_groups, num_experts, capacity, dim)
-    # Which token sits in each slot (sentinel S = empty), then one gather of rows.
-    slot = routing.expert_index * capacity + routing.position
-    slot = jnp.where(routing.valid, slot, num_experts * capacity)  # out of range: dropped
-    token = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], slot.shape[1:])
-    token_of_slot = jax.vmap(
-        lambda s: (
-            jnp.full((num_experts * capacity,), num_tokens, jnp.int32)
-            .at[s.reshape(-1)]
-            .set(token.reshape(-1), mode="drop")
-        )
-    )(slot)
-    x_padded = jnp.concatenate([x, jnp.zeros((num_groups, 1, dim), x.dtype)], axis=1)
-    buffer = jnp.take_along_axis(x_padded, token_of_slot[..., None], axis=1)
+    slot_of_choice, choice_of_slot = _slot_maps(routing)
+    k = routing.expert_index.shape[-1]
+    # Forward: slot <- its token (empty slots read past the end: zeros). Backward: each token
+    # sums the gradients of its <= K slots, again a gather (no scatter-add).
+    token_of_slot = jnp.where(
+        choice_of_slot < num_groups * num_tokens * k, choice_of_slot // k, num_groups * num_tokens
+    )
+    buffer = _gather_rows(
+        x.reshape(-1, dim), token_of_slot, slot_of_choice.reshape(num_groups * num_tokens, k)
+    )
     return buffer.reshape(num_groups, num_experts, capacity, dim)
 
 
@@ -107,11 +105,56 @@ def combine(y: jax.Array, routing: Routing, kind: str = "indices") -> jax.Array:
             weighted, routing.token_index.reshape(num_groups, -1)
         )
     num_tokens, k = routing.expert_index.shape[1:]
-    slot = routing.expert_index * capacity + jnp.minimum(routing.position, capacity - 1)
-    gathered = jnp.take_along_axis(flat, slot.reshape(num_groups, -1, 1), axis=1)
+    slot_of_choice, choice_of_slot = _slot_maps(routing)
+    # Forward: each (token, choice) reads its slot (dropped: zeros); backward: each slot reads
+    # the gradient of the one choice it holds.
+    gathered = _gather_rows(flat.reshape(-1, out_dim), slot_of_choice, choice_of_slot[:, None])
     gathered = gathered.reshape(num_groups, num_tokens, k, out_dim)
     weight = jnp.where(routing.valid, routing.weight, 0.0).astype(y.dtype)
     return jnp.einsum("gsk,gskd->gsd", weight, gathered)
+
+
+def _slot_maps(routing: TopKRouting) -> tuple[jax.Array, jax.Array]:
+    """Flat indices between (group, token, choice) and (group, expert, slot), both directions.
+
+    Returns ``slot_of_choice`` ``(G * S * K,)`` (``G * E * C`` where dropped) and
+    ``choice_of_slot`` ``(G * E * C,)`` (``G * S * K`` where empty).
+    """
+    num_groups, num_tokens, k = routing.expert_index.shape
+    slots_per_group = routing.num_experts * routing.capacity
+    group = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]
+    slot = group * slots_per_group + routing.expert_index * routing.capacity + routing.position
+    slot = jnp.where(routing.valid, slot, num_groups * slots_per_group).reshape(-1)
+    choice = jnp.arange(slot.shape[0], dtype=jnp.int32)
+    choice_of_slot = (
+        jnp.full((num_groups * slots_per_group,), slot.shape[0], jnp.int32)
+        .at[slot]
+        .set(choice, mode="drop")
+    )
+    return slot, choice_of_slot
+
+
+@jax.custom_vjp
+def _gather_rows(table: jax.Array, index: jax.Array, transpose_index: jax.Array) -> jax.Array:
+    """``out[i] = table[index[i]]`` (zeros for ``index[i] >= len(table)``).
+
+    ``transpose_index`` ``(len(table), R)`` lists, for every table row, the output rows that read
+    it (``>= len(index)`` for none), so the gradient is a gather-and-sum instead of a scatter-add.
+    """
+    return jnp.take(table, index, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(table, index, transpose_index):
+    return _gather_rows(table, index, transpose_index), (index, transpose_index)
+
+
+def _gather_rows_bwd(residuals, grad_out):
+    index, transpose_index = residuals
+    grad = jnp.take(grad_out, transpose_index, axis=0, mode="fill", fill_value=0).sum(axis=1)
+    return grad, None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def expert_mlp(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
