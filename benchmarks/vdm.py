@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import time
@@ -152,8 +153,14 @@ def load_digits_uint8():
     return images, data.target.astype(np.int32)
 
 
-def digits_schedules(steps: int, evals: int, batch: int, draws: int, schedules) -> dict:
-    """Test bits/dim vs training time for each schedule (same data order, same seed)."""
+def digits_schedules(
+    steps: int, evals: int, batch: int, draws: int, schedules, samples_png=None
+) -> dict:
+    """Test bits/dim vs training time for each schedule (same data order, same seed).
+
+    With ``samples_png``, the last schedule's model draws 64 digits with 100 DDIM steps and 64
+    with 1000 ancestral steps, written side by side as a PNG.
+    """
     images, _ = load_digits_uint8()
     train, test = images[:1500], images[1500:]
     out = {}
@@ -204,6 +211,27 @@ def digits_schedules(steps: int, evals: int, batch: int, draws: int, schedules) 
             if i > 0:  # the first step includes compilation
                 train_s += time.perf_counter() - t0
         out[kind] = curve
+        last_model = (kind, nnx.merge(graphdef, params, rest))
+    if samples_png is not None:
+        from PIL import Image
+
+        kind, model = last_model
+        t0 = time.perf_counter()
+        ddim = vdm.sample(model, jax.random.key(1), 64, 100, sampler="ddim")
+        ancestral = vdm.sample(model, jax.random.key(2), 64, 1000)
+        grids = [vdm.image_grid(np.asarray(x), columns=8) for x in (ddim, ancestral)]
+        gap = np.zeros((grids[0].shape[0], 4, 1), np.uint8)
+        picture = np.concatenate([grids[0], gap, grids[1]], axis=1)[..., 0]
+        Image.fromarray(picture).resize((picture.shape[1] * 4, picture.shape[0] * 4), 0).save(
+            samples_png
+        )
+        out["samples"] = {
+            "schedule": kind,
+            "png": str(samples_png.name),
+            "left": "DDIM, 100 steps",
+            "right": "ancestral, 1000 steps",
+            "seconds_incl_compile": time.perf_counter() - t0,
+        }
     # Paired comparison on the same test images and the same (t, eps) draws.
     if "fixed" in final_per_image:
         paired = {}
@@ -222,7 +250,9 @@ def to_markdown(result: dict) -> str:
     lines = [
         "# VDM benchmarks",
         "",
-        f"Device: {result['device']}; command: `{result['command']}`.",
+        f"Device: {result['device']}; command: `{result['command']}`; 1-minute load average"
+        f" at start/end {result.get('load_average_start_end')} (other jobs share the CPU: times"
+        " are upper bounds).",
         "",
         "## Reference CIFAR-10 configuration "
         f"({c['depth']} blocks x {c['width']} channels, {c['parameters']:,} parameters)",
@@ -252,14 +282,15 @@ def to_markdown(result: dict) -> str:
             for r in c["runs"]
         ]
     for kind, curve in result["digits"].items():
-        if kind == "paired_vs_fixed":
+        if kind in ("paired_vs_fixed", "samples"):
             continue
         for p in curve:
             lines.append(
                 f"| {kind} | {p['step']} | {p['train_s']:.1f} | {p['test_bpd']:.3f} "
                 f"| {p['ci95']:.3f} | {p['gamma_0']:.2f} | {p['gamma_1']:.2f} |"
             )
-    final = {k: v[-1]["test_bpd"] for k, v in result["digits"].items() if k != "paired_vs_fixed"}
+    extras = ("paired_vs_fixed", "samples")
+    final = {k: v[-1]["test_bpd"] for k, v in result["digits"].items() if k not in extras}
     if "fixed" in final:
         lines += [
             "",
@@ -271,6 +302,13 @@ def to_markdown(result: dict) -> str:
                 f"- {kind} minus fixed, paired per test image: {p['mean_bpd_minus_fixed']:+.4f}"
                 f" +- {p['ci95']:.4f} bpd (95%)"
             )
+    if "samples" in result["digits"]:
+        info = result["digits"]["samples"]
+        lines += [
+            "",
+            f"Samples of the {info['schedule']} model: `{info['png']}` (left: {info['left']}; "
+            f"right: {info['right']}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -281,6 +319,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--digits-steps", type=int, default=300)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_start = os.getloadavg()
     if args.quick:
         cifar = cifar_timing(batch=1, timed_steps=1, depth=2)
         digits = digits_schedules(
@@ -293,13 +332,15 @@ def main(argv=None) -> dict:
             evals=5,
             batch=64,
             draws=4,
-            schedules=("fixed", "learned_scalar", "learned_net"),
+            schedules=("fixed", "learned_net", "learned_scalar"),
+            samples_png=args.out / "vdm.digits_samples.png",
         )
     result = {
         "command": "python benchmarks/vdm.py" + (" --quick" if args.quick else ""),
         "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
         f" {jax.device_count()} device(s))",
         "jax": jax.__version__,
+        "load_average_start_end": [round(load_start[0], 1), round(os.getloadavg()[0], 1)],
         "cifar10": cifar,
         "digits": digits,
     }
