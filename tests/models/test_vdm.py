@@ -98,6 +98,10 @@ def test_loss_metrics_and_batch_49(tiny_model, digits):
     assert float(metrics["gamma_0"]) == pytest.approx(-13.3)
     again, _ = loss_fn_det(tiny_model, x, jax.random.key(0))
     assert float(again) == float(loss)
+    via_rngs, _ = loss_fn_det(tiny_model, x, nnx.Rngs(dropout=0))
+    assert np.isfinite(float(via_rngs))
+    with pytest.raises(ValueError, match="streams"):
+        tiny_model.loss(x, None, nnx.Rngs(params=0))
     with pytest.raises(ValueError, match=r"\[B, 8, 8, 1\]"):
         tiny_model.loss(np.zeros((2, 4, 4, 1), np.uint8), None, jax.random.key(0))
 

@@ -177,9 +177,19 @@ def vdm_preset(name: str, **overrides) -> VDMConfig:
     return dataclasses.replace(VDM_PRESETS[name], **overrides)
 
 
+_STREAMS = ("sample", "default", "dropout", "noise")
+
+
 def _as_key(rngs) -> jax.Array:
+    """A PRNG key from a key or an ``nnx.Rngs`` (streams tried: sample, default, dropout, noise)."""
     if isinstance(rngs, nnx.Rngs):
-        return rngs()
+        for name in _STREAMS:
+            if name in rngs:
+                return getattr(rngs, name)()
+        raise ValueError(
+            f"nnx.Rngs passed to VDM has none of the streams {', '.join(_STREAMS)}; "
+            "add one (e.g. nnx.Rngs(sample=seed)) or pass a PRNG key"
+        )
     return rngs
 
 
