@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -321,7 +322,15 @@ def markdown(result):
         "",
         f"hidden {HIDDEN}, expert MLP {MLP_DIM}, {EXPERTS} experts, top-{TOP_K}, capacity factor "
         f"{CAPACITY_FACTOR}; {result['num_tokens']} tokens; forward + backward, fastest of "
-        f"{result['reps']} runs. Command: `{result['command']}`",
+        f"{result['reps']} runs. Command: `{result['command']}`"
+        + (
+            f" (load average {result['load_average_at_start']:.1f} at the start)"
+            if "load_average_at_start" in result
+            else ""
+        ),
+        "",
+        "Variants are interleaved run by run; compare ratios within a group size (other jobs on a "
+        "shared machine move absolute times between sections).",
         "",
         "| group size | variant | ms | vs dense | vs einsum |",
         "|---:|---|---:|---:|---:|",
@@ -382,6 +391,7 @@ def main(argv=None):
         "command": "python benchmarks/moe.py" + (" --quick" if args.quick else ""),
         "num_tokens": num_tokens,
         "reps": reps,
+        "load_average_at_start": os.getloadavg()[0],
         "dispatch": bench_dispatch(num_tokens, group_sizes, reps),
     }
     if not args.no_sharded:
