@@ -78,3 +78,33 @@ def test_wrong_image_shape_names_both_shapes(tmp_path):
     result = runner.invoke(app, args + sets(TINY + ["model.image_size=16,16"]))
     assert result.exit_code == 2, result.output
     assert "[batch, 16, 16, 1]" in result.output and "got shape (32, 8, 8, 1)" in result.output
+
+
+VDM_TINY = [
+    "model.width=8",
+    "model.depth=1",
+    "model.groups=4",
+    "data.batch_size=16",
+    "optimizer.warmup_steps=1",
+    "train.steps=4",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "train.eval_every=0",
+]
+
+
+def test_vdm_train_then_sample(tmp_path):
+    from PIL import Image
+
+    workdir = tmp_path / "vdm"
+    result = runner.invoke(app, ["train", "vdm-digits", "--workdir", str(workdir), *sets(VDM_TINY)])
+    assert result.exit_code == 0, result.output
+    assert "bpd" in result.output and "bpd_ci95" in result.output
+    out = tmp_path / "grid.png"
+    args = ["sample", str(workdir), "--num", "6", "--steps", "3", "--output", str(out)]
+    result = runner.invoke(app, args + ["--sampler", "ddim"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as picture:
+        assert picture.size[0] >= 8 * 3 and picture.mode == "L"
+    result = runner.invoke(app, ["sample", str(tmp_path / "nope")])
+    assert result.exit_code == 2

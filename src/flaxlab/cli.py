@@ -167,6 +167,51 @@ def _data_config_for(base, data: str):
     )
 
 
+@app.command("sample")
+def sample_command(
+    workdir: Annotated[Path, typer.Argument(help="A VDM training work directory.")],
+    num: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    steps: Annotated[int, typer.Option(help="Sampler steps (network evaluations).")] = 1000,
+    sampler: Annotated[str, typer.Option(help="'ancestral' (reference) or 'ddim'.")] = "ancestral",
+    guidance: Annotated[
+        float, typer.Option(help="Classifier-free guidance weight (conditional models).")
+    ] = 0.0,
+    label: Annotated[int | None, typer.Option(help="Class to sample (conditional models).")] = None,
+    seed: int = 0,
+    output: Annotated[
+        Path | None, typer.Option(help="PNG path (default: WORKDIR/samples.png).")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    verbose: bool = False,
+):
+    """Sample images from a trained VDM and write them as a PNG grid."""
+    _setup_logging(verbose)
+    from flaxlab.train import Estimator, TrainingError, load_config
+
+    try:
+        config = load_config(workdir)
+        if config.family != "vdm":
+            raise ValueError(f"{workdir} holds a {config.family!r} run; sample needs a VDM run")
+        from flaxlab.train.vdm_task import sample_images
+
+        model = Estimator(config, workdir, progress=False).restore_model(step)
+        labels = None if label is None else [label] * num
+        path = sample_images(
+            model,
+            num=num,
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            seed=seed,
+            labels=labels,
+            output=output or workdir / "samples.png",
+        )
+    except (ValueError, TrainingError) as error:
+        _fail(error)
+        return
+    typer.echo(f"{num} samples ({sampler}, {steps} steps) written to {path}")
+
+
 @app.command()
 def presets():
     """List the presets with a one-line description each."""

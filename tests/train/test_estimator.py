@@ -165,6 +165,10 @@ def test_warm_start_takes_parameters_and_optionally_the_optimizer(trained, tmp_p
         Estimator(bad, tmp_path / "w", progress=False).train()
 
 
+# EMA warm-up: decay_t = min(0.5, (1 + t) / (10 + t)) = 0.1 at t = 0, 2/11 at t = 1.
+D0, D1 = 0.1, 2.0 / 11.0
+
+
 def test_gradient_accumulation_equals_one_big_batch_and_ema(tmp_path):
     states = {}
     for accum in (1, 2):
@@ -184,9 +188,11 @@ def test_gradient_accumulation_equals_one_big_batch_and_ema(tmp_path):
         state, _ = step_fn(state, sharding.shard_batch(batches(1), estimator.mesh))
         states[accum] = jax.tree.map(np.asarray, state)
         ema = jax.tree.map(
-            lambda a, b, c: 0.25 * a + 0.25 * b + 0.5 * c, p0, p1, states[accum]["params"]
+            lambda a, b, c: D1 * (D0 * a + (1 - D0) * b) + (1 - D1) * c,
+            p0,
+            p1,
+            states[accum]["params"],
         )
-        # ema_1 = 0.5 p0 + 0.5 p1; ema_2 = 0.5 ema_1 + 0.5 p2
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), states[accum]["ema"], ema
         )

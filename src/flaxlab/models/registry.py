@@ -13,6 +13,8 @@ import importlib
 _FAMILIES: dict[str, str] = {
     "vit": "flaxlab.models.vit:ViTConfig:ViT",
     "mixer": "flaxlab.models.mixer:MixerConfig:Mixer",
+    "vmoe": "flaxlab.models.vmoe:VMoEConfig:VMoE",
+    "vdm": "flaxlab.models.vdm:VDMConfig:VDM",
 }
 
 

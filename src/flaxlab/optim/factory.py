@@ -61,14 +61,19 @@ def kernel_mask(params):
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def make_optimizer(config, total_steps: int, params=None) -> optax.GradientTransformation:
+def make_optimizer(
+    config, total_steps: int, params=None, decay_mask=None
+) -> optax.GradientTransformation:
     """The optimizer named by ``config.name`` with global-norm clipping in front.
 
     Args:
       config: optimizer settings (see :class:`flaxlab.train.config.OptimizerConfig`).
       total_steps: training length, for the schedule.
       params: the parameter tree (Amos derives its per-parameter rules from it).
+      decay_mask: which parameters weight decay applies to (a pytree of bools or a function
+        of the parameters); default :func:`kernel_mask`.
     """
+    mask = decay_mask or kernel_mask
     schedule = make_schedule(config, total_steps)
     if config.name == "adamw":
         tx = optax.adamw(
@@ -77,11 +82,11 @@ def make_optimizer(config, total_steps: int, params=None) -> optax.GradientTrans
             b2=config.b2,
             eps=config.eps,
             weight_decay=config.weight_decay,
-            mask=kernel_mask,
+            mask=mask,
         )
     elif config.name == "sgd":
         tx = optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=kernel_mask),
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
             optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
         )
     elif config.name == "amos":

@@ -87,7 +87,12 @@ class Estimator:
         self.graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
         self._abstract = (abstract_params, abstract_rest)
         self.schedule = make_schedule(config.optimizer, config.train.steps)
-        self.tx = make_optimizer(config.optimizer, config.train.steps, abstract_params)
+        self.tx = make_optimizer(
+            config.optimizer,
+            config.train.steps,
+            abstract_params,
+            decay_mask=getattr(self.task, "weight_decay_mask", None),
+        )
         self._train_step = None
         self._eval_step = None
         self._predict_step = None
@@ -198,8 +203,10 @@ class Estimator:
             params = optax.apply_updates(params, updates)
             new_state = {"params": params, "rest": rest, "opt_state": opt_state, "step": step + 1}
             if "ema" in state:
+                # The usual warm-up: early averages are not dominated by the initialisation.
+                decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
                 new_state["ema"] = jax.tree.map(
-                    lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params
+                    lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params
                 )
             metrics = dict(metrics)
             metrics["grad_norm"] = _global_norm(grads)
@@ -207,6 +214,17 @@ class Estimator:
             return new_state, metrics
 
         return jax.jit(train_step, donate_argnums=0)
+
+    def restore_model(self, step: int | None = None) -> nnx.Module:
+        """The model of a checkpoint (default: newest readable), with EMA weights if kept."""
+        checkpointer = self._checkpointer()
+        try:
+            _, state = self._restore(checkpointer, step)
+        finally:
+            checkpointer.close()
+        if state is None:
+            raise TrainingError(f"{self.workdir} holds no readable checkpoint")
+        return nnx.merge(self.graphdef, self._model_params(state), state["rest"])
 
     def _model_params(self, state):
         return state.get("ema", state["params"])

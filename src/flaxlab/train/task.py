@@ -109,7 +109,10 @@ class ClassificationTask:
         return {"prediction": logits.argmax(-1), "probabilities": jax.nn.softmax(logits)}
 
 
-_TASKS: dict[str, Any] = {"classification": ClassificationTask}
+_TASKS: dict[str, Any] = {
+    "classification": ClassificationTask,
+    "vdm": "flaxlab.train.vdm_task:VDMTask",
+}
 
 
 def register_task(name: str, factory) -> None:
