@@ -13,10 +13,13 @@ query ``i`` are exactly ``(exp(x_s W^T - ||x_s||^2/2 - c_i) + eps) / sqrt(M)``, 
 ``j <= i`` only. All exponents ``c_j - c_i`` are ``<= 0``, so nothing overflows.
 
 The ``e^{c_j-c_i} Q_i \cdot E_j`` part is computed by :func:`chunked_causal_linear_attention`:
-quadratic inside chunks of ``C`` positions, a running ``[M, D]`` state between chunks
-(``lax.scan``), and a hand-written backward pass that is also chunked (reverse scan) and stores
-only one state per chunk, so memory is ``O(L (M + D) + (L / C) M D)`` in both passes. The
-``u`` part is two cumulative sums of ``[L, D]`` arrays.
+quadratic inside chunks of ``C`` positions, and a running ``[M, D]`` state between chunks. All
+matmuls are batched over chunks (large, accelerator-friendly products); only the state
+recurrence ``S_{n+1} = e^{cs_n - ce_n} S_n + (local sum of chunk n)`` is a ``lax.scan`` over the
+``L / C`` chunks, with elementwise work per step. The hand-written backward pass has the same
+structure (a reverse scan for the state gradient). Memory is ``O(L (M + D + C) + (L / C) M D)``
+in both passes: never ``L x M x D`` (a cumulative sum of outer products) and never ``L x L``.
+The ``u`` part is two cumulative sums of ``[L, D]`` arrays.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from flaxlab.nn.favor_features import (
     softmax_projection_terms,
 )
 
-# Chunk sizes chosen by measurement (benchmarks/favor.py): on CPU 128 balances the C^2 (M + D)
-# intra-chunk work against the per-chunk scan overhead; GPUs prefer larger, matmul-friendly tiles.
+# Chunk sizes: the intra-chunk work grows as L C (M + D), the chunk states as (L / C) M D. On CPU
+# 128 measured best or within noise of the best at 4k tokens (benchmarks/favor.py --chunk-sweep);
+# GPUs prefer larger matmul tiles and have the bandwidth for the C x C blocks, so 256 there.
 DEFAULT_CHUNK_SIZE = {"cpu": 128, "gpu": 256, "tpu": 256}
 
 
@@ -265,10 +269,33 @@ def causal_numerator_denominator(
         qf, kf, offsets, v, chunk_size=chunk_size
     )
     if eps_weights is not None:
+        chunk = default_chunk_size(qf.shape[1]) if chunk_size is None else int(chunk_size)
         query_sums = jnp.sum(qf, axis=-1)
-        numerator += query_sums[..., None] * jnp.cumsum(eps_weights[..., None] * v, axis=1)
-        denominator += query_sums * jnp.cumsum(eps_weights, axis=1)
+        weighted = jnp.concatenate([eps_weights[..., None] * v, eps_weights[..., None]], axis=-1)
+        prefix = causal_prefix_sum(weighted, chunk)
+        numerator += query_sums[..., None] * prefix[..., :-1]
+        denominator += query_sums * prefix[..., -1]
     return numerator, denominator
+
+
+def causal_prefix_sum(x: jax.Array, chunk_size: int) -> jax.Array:
+    """Inclusive prefix sum along axis 1 of ``[B, L, H, D]`` in O(L (C + D)) work.
+
+    Within chunks a lower-triangular matmul, between chunks a short cumulative sum of chunk
+    totals (XLA's CPU cumulative sum over a long axis is a reduce-window, superlinear in L).
+    """
+    b, length, h, d = x.shape
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    x = x.reshape(b, num_chunks, chunk_size, h, d)
+    lower = jnp.tril(jnp.ones((chunk_size, chunk_size), x.dtype))
+    within = jnp.einsum("ij,bnjhd->bnihd", lower, x)
+    totals = within[:, :, -1]
+    before = jnp.cumsum(totals, axis=1) - totals
+    out = within + before[:, :, None]
+    return out.reshape(b, num_chunks * chunk_size, h, d)[:, :length]
 
 
 def stabilize_denominator(denominator: jax.Array, numerical_stabilizer: float) -> jax.Array:
