@@ -29,10 +29,10 @@ def vdm_digits() -> ExperimentConfig:
             grad_clip_norm=1.0,
         ),
         train=TrainConfig(
-            steps=3000,
+            steps=1500,
             log_every=100,
-            eval_every=1000,
-            checkpoint_every=1000,
+            eval_every=500,
+            checkpoint_every=500,
             ema_decay=0.999,
             best_metric="bpd",
             best_mode="min",
