@@ -237,7 +237,8 @@ def markdown(result) -> str:
     ]
     lines += [
         f"Jitted `update + apply_updates`, donated buffers, {timing['repeats']} interleaved runs, "
-        "median. `amos (flaxlab)`: `flaxlab.optim.amos` (packed slots, one fused pass per "
+        "median. `amos (flaxlab)`: `flaxlab.optim.amos` (packed slots, one reduction and one "
+        "fused pass per "
         "parameter); `optax.chain of ...`: the reference's composition built from flaxlab's "
         "`scale_by_amos`; `jestimator reference`: google-research/jestimator's own `amos.py` "
         "(loaded from a local checkout with `--reference-path`, not part of flaxlab).",

@@ -491,3 +491,54 @@ def test_update_without_params_is_refused():
     state = tx.init({"w": jnp.ones(2)})
     with pytest.raises(ValueError, match="needs the parameters"):
         tx.update({"w": jnp.ones(2)}, state)
+
+
+# Tensors above amos._SMALL entries take the plain sum of squares when no slot's sum exceeds
+# clip_value**2 and the clipped reduction otherwise: both branches against the reference.
+LARGE_SHAPES = {  # name -> (shape, slot shape, eta)
+    "kernel": ((130, 128), (1, 128), 0.1),
+    "embedding": ((128, 130), (128, 1), 0.2),
+    "bias": ((17000,), (), 0.5),
+}
+
+
+@pytest.mark.parametrize(
+    "scales",
+    [
+        (0.01, 0.01, 0.01),  # no entry near the clip: the plain sums
+        (3.0, 3.0, 3.0),  # most entries clipped: the clipped reduction
+        (0.01, 0.01, "one_large"),  # a single clipped entry in one tensor
+    ],
+)
+def test_large_tensors_match_the_reference_on_both_clip_branches(scales):
+    hp = dict(beta=0.9, momentum=0.9, clip_value=1.0)
+    rng = np.random.default_rng(7)
+    params = {k: jnp.asarray(rng.normal(size=s[0]), jnp.float32) for k, s in LARGE_SHAPES.items()}
+    names = {(k,): k for k in LARGE_SHAPES}
+    tx = amos(
+        0.05,
+        lambda name, shape: LARGE_SHAPES[names[name]][2],
+        lambda name, shape: LARGE_SHAPES[names[name]][1],
+        **hp,
+    )
+    reference = ReferenceAmos(
+        {k: np.asarray(p, np.float64) for k, p in params.items()},
+        {k: s[2] for k, s in LARGE_SHAPES.items()},
+        {k: s[1] for k, s in LARGE_SHAPES.items()},
+        0.05,
+        hp,
+    )
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for step in range(3):
+        grads = {}
+        for (k, s), scale in zip(LARGE_SHAPES.items(), scales, strict=True):
+            g = rng.normal(size=s[0]) * (0.01 if scale == "one_large" else scale)
+            if scale == "one_large":
+                g.reshape(-1)[step * 11] = 5.0
+            grads[k] = jnp.asarray(g, jnp.float32)
+        expected = reference.step({k: np.asarray(g) for k, g in grads.items()})
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for k in LARGE_SHAPES:
+            np.testing.assert_allclose(updates[k], expected[k], rtol=2e-4, atol=1e-7)
