@@ -57,6 +57,15 @@ def jitted_moe(kind, k, capacity, experts_choice=False):
     return jax.jit(run)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def dispatcher_grad(params, x, logits, kind, k, capacity):
+    def loss(params, x, logits):
+        routing = top_k_routing(logits, k, capacity=capacity)
+        return jnp.sum(moe_mlp(params, x, routing, kind) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(params, x, logits)
+
+
 @pytest.mark.parametrize("kind", ["einsum", "indices"])
 @pytest.mark.parametrize("k, capacity", [(1, 2), (2, 3), (2, 24)])
 def test_buffered_dispatchers_match_numpy(data, kind, k, capacity):
@@ -84,6 +93,12 @@ def test_ragged_is_dropless(data, k):
     ]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+    # ... and so do their gradients (parameters, tokens and router logits).
+    grads = [
+        dispatcher_grad(params32, x32, logits32, kind, k, S * k) for kind in ("einsum", "ragged")
+    ]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["einsum", "indices"])
@@ -123,14 +138,8 @@ def test_dispatch_buffers_and_combine(data):
 
 def test_dispatcher_gradients_agree(data):
     params32, x32, logits32 = data[3:]
-
-    def loss(params, x, logits, kind):
-        routing = top_k_routing(logits, 2, capacity=3)
-        return jnp.sum(moe_mlp(params, x, routing, kind) ** 2)
-
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-    einsum_grads = grad(params32, x32, logits32, "einsum")
-    index_grads = grad(params32, x32, logits32, "indices")
+    einsum_grads = dispatcher_grad(params32, x32, logits32, "einsum", 2, 3)
+    index_grads = dispatcher_grad(params32, x32, logits32, "indices", 2, 3)
     for a, b in zip(jax.tree.leaves(einsum_grads), jax.tree.leaves(index_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # The router learns through the combine weights.

@@ -196,13 +196,14 @@ def dropless_moe_mlp(
     order = jnp.argsort(expert_flat, stable=True)
     sorted_expert = expert_flat[order]
     group_sizes = jnp.bincount(expert_flat, length=routing.num_experts).astype(jnp.int32)
-    tokens = x.reshape(-1, dim)[order // k]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    # Token t feeds sorted rows inverse[t * K + j]; both gathers get gather-only gradients.
+    tokens = _gather_rows(x.reshape(-1, dim), order // k, inverse.reshape(-1, k))
     h = jax.lax.ragged_dot(tokens, params["fc1_kernel"], group_sizes)
     h = jax.nn.gelu(h + params["fc1_bias"][sorted_expert], approximate=True)
     out = jax.lax.ragged_dot(h, params["fc2_kernel"], group_sizes)
     out = out + params["fc2_bias"][sorted_expert]
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out = out[inverse].reshape(num_groups, num_tokens, k, -1)
+    out = _gather_rows(out, inverse, order[:, None]).reshape(num_groups, num_tokens, k, -1)
     return jnp.einsum("gsk,gskd->gsd", routing.weight.astype(out.dtype), out)
 
 
