@@ -249,7 +249,7 @@ def speed_study(lengths, heads, dim, num_features, exact_max_length, scan_max_le
         kq, kk, kv, kp = jax.random.split(jax.random.fold_in(jax.random.key(1), length), 4)
         args = tuple(0.5 * jax.random.normal(kk_, (1, length, heads, dim)) for kk_ in (kq, kk, kv))
         probe = jax.random.normal(kp, (1, length, heads, dim))
-        repeats = 3 if length <= 4096 else 1
+        repeats = 2 if length <= 4096 else 1
         for name, fn in attention_variants(projection, chunk_size).items():
             row = dict(method=name, length=length)
             if name.startswith("exact") and length > exact_max_length:

@@ -253,7 +253,8 @@ def causal_feature_terms(
     keep = jnp.ones(k.shape[:2], bool) if mask is None else mask.astype(bool)
     keep = keep[:, :, None]
     key_max = jnp.where(keep, jnp.max(logits, axis=-1), MASKED_LOG_OFFSET)
-    offsets = lax.cummax(key_max, axis=1)
+    # associative_scan, not lax.cummax: XLA's CPU cummax is a reduce-window, quadratic in L.
+    offsets = lax.associative_scan(jnp.maximum, key_max, axis=1)
     exponent = jnp.where(keep[..., None], logits - half_sq_norm - offsets[..., None], -jnp.inf)
     kf = ratio * jnp.exp(exponent)
     eps_weights = ratio * numerical_stabilizer * keep.astype(kf.dtype) * jnp.ones_like(offsets)
