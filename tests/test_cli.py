@@ -25,7 +25,14 @@ MIXER_TINY = [
 ] + TINY[4:]
 
 
-@pytest.mark.parametrize("preset, tiny", [("mixer-digits", MIXER_TINY)])
+VMOE_TINY = [
+    "model.moe.layers=1",  # before num_layers: each override is validated as it is applied
+    "model.num_layers=2",
+    "model.moe.num_experts=2",
+] + [s for s in TINY if not s.startswith("model.num_layers")]
+
+
+@pytest.mark.parametrize("preset, tiny", [("mixer-digits", MIXER_TINY), ("vmoe-digits", VMOE_TINY)])
 def test_train_eval_predict(tmp_path, preset, tiny):
     workdir = tmp_path / preset
     result = runner.invoke(app, ["train", preset, "--workdir", str(workdir), *sets(tiny)])
@@ -108,3 +115,17 @@ def test_vdm_train_then_sample(tmp_path):
         assert picture.size[0] >= 8 * 3 and picture.mode == "L"
     result = runner.invoke(app, ["sample", str(tmp_path / "nope")])
     assert result.exit_code == 2
+
+
+def test_vmoe_routing_changes_at_evaluation_time(tmp_path):
+    workdir = tmp_path / "vmoe"
+    result = runner.invoke(
+        app, ["train", "vmoe-digits", "--workdir", str(workdir), *sets(VMOE_TINY)]
+    )
+    assert result.exit_code == 0, result.output
+    records = [line for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert "moe1_dropped_fraction" in records[0] and "moe1_router_entropy" in records[0]
+    for k in ("1", "2"):
+        args = ["eval", str(workdir), "--set", f"model.moe.num_selected_experts={k}"]
+        result = runner.invoke(app, args + ["--set", "model.moe.capacity_factor=4.0"])
+        assert result.exit_code == 0 and "accuracy" in result.output, result.output

@@ -166,33 +166,3 @@ def test_upcycled_model_with_all_experts_equals_the_dense_vit(images):
             ViT(dataclasses.replace(ViTConfig(**TINY), mlp_dim=8), rngs=nnx.Rngs(0)),
             VMoE(tiny_config(), rngs=nnx.Rngs(0)),
         )
-
-
-def test_vmoe_digits_trains_through_the_estimator(tmp_path):
-    from flaxlab.configs import get_preset
-    from flaxlab.models.registry import register_model_family
-    from flaxlab.train import Estimator
-    from flaxlab.train.metrics import read_jsonl
-
-    register_model_family("vmoe", "flaxlab.models.vmoe:VMoEConfig:VMoE")
-    base = get_preset(
-        "vit-digits",
-        [
-            "data.batch_size=32",
-            "data.eval_batch_size=360",
-            "optimizer.warmup_steps=2",
-            "train.steps=8",
-            "train.log_every=4",
-            "train.checkpoint_every=8",
-            "train.eval_every=0",
-        ],
-    )
-    config = dataclasses.replace(base, family="vmoe", model=tiny_config())
-    workdir = tmp_path / "vmoe"
-    final = Estimator(config, workdir, progress=False).train()
-    assert final["count"] == 360 and 0.0 <= final["accuracy"] <= 1.0
-    train = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
-    assert [r["step"] for r in train] == [4, 8]
-    for record in train:
-        assert np.isfinite(record["loss"]) and 0.0 <= record["moe1_dropped_fraction"] <= 1.0
-        assert record["moe1_max_load"] >= 1.0

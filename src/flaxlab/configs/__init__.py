@@ -10,12 +10,13 @@ import difflib
 from collections.abc import Callable
 
 from flaxlab.configs.vdm import vdm_cifar10, vdm_digits
-from flaxlab.configs.vision import mixer_digits, vit_digits
+from flaxlab.configs.vision import mixer_digits, vit_digits, vmoe_digits
 from flaxlab.train.config import ExperimentConfig, apply_overrides
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "vit-digits": vit_digits,
     "mixer-digits": mixer_digits,
+    "vmoe-digits": vmoe_digits,
     "vdm-digits": vdm_digits,
     "vdm-cifar10": vdm_cifar10,
 }

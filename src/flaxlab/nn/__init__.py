@@ -8,6 +8,17 @@ from flaxlab.nn.attention import (
     make_attention_kernel,
     register_attention_kernel,
 )
+from flaxlab.nn.moe import (
+    MoeLayer,
+    MoeMlp,
+    Router,
+    SoftMoeLayer,
+    expert_parallel_moe_mlp,
+    experts_choice_routing,
+    moe_mlp,
+    soft_moe,
+    top_k_routing,
+)
 from flaxlab.nn.transformer import Encoder, EncoderBlock, MlpBlock, drop_path, gelu
 
 __all__ = [
@@ -16,10 +27,19 @@ __all__ = [
     "Encoder",
     "EncoderBlock",
     "MlpBlock",
+    "MoeLayer",
+    "MoeMlp",
     "MultiHeadAttention",
+    "Router",
+    "SoftMoeLayer",
     "SoftmaxKernel",
     "drop_path",
+    "expert_parallel_moe_mlp",
+    "experts_choice_routing",
     "gelu",
     "make_attention_kernel",
+    "moe_mlp",
     "register_attention_kernel",
+    "soft_moe",
+    "top_k_routing",
 ]

@@ -65,7 +65,7 @@ def param_shardings(state, mesh: Mesh):
     """A sharding per leaf of an ``nnx.State``: from its logical axis names, else replicated."""
 
     def spec(variable):
-        names = getattr(variable, "sharding_names", None) or getattr(variable, "sharding", None)
+        names = getattr(variable, "out_sharding", None) or getattr(variable, "sharding_names", None)
         if not names or not isinstance(names, tuple):
             return NamedSharding(mesh, P())
         axes = [LOGICAL_RULES.get(n) if isinstance(n, str) else None for n in names]

@@ -88,7 +88,13 @@ class ClassificationTask:
             "accuracy": (logits.argmax(-1) == labels).mean(),
         }
         aux_loss = aux.pop("aux_loss", jnp.zeros(()))
-        metrics.update({k: jnp.mean(v) for k, v in aux.items()})
+        for key, value in aux.items():
+            value = jnp.asarray(value)
+            if value.ndim == 0:
+                metrics[key] = value
+            else:  # e.g. per-expert load: one metric per entry
+                for i, v in enumerate(value.reshape(-1)):
+                    metrics[f"{key}_{i}"] = v
         loss = ce + aux_loss
         metrics["loss"] = loss
         return loss, metrics
