@@ -33,9 +33,10 @@ the numbers of google-research/jestimator ``amos.py``; beyond it:
   reduction) -- and one elementwise pass
   ``m = momentum * m + theta_coef * theta + grad_coef * clip(g)`` whose two coefficients
   (slot-sized, carrying ``1 - momentum``) are computed once, not per entry. With factored
-  slots and momentum this moves about 4/5 of AdamW's bytes; on a 2-core CPU the update step
-  with factored slots, momentum and clip measured about 0.93x ``optax.adamw``'s
-  (``benchmarks/amos.py``).
+  slots and momentum this moves about 4/5 of AdamW's bytes; on a shared 2-core CPU the update
+  step with factored slots, momentum and clip measured 0.93x to 1.14x ``optax.adamw``'s across
+  runs, 1.00x in the recorded one
+  (``benchmarks/amos.py``; results and method in ``docs/amos.md``).
 
 Leaves of any pytree (nested dicts, lists, ``nnx.State``) are named by their path as a tuple
 of strings: dict keys, list indices as ``str(i)``, attribute names; an ``nnx.Variable``
