@@ -90,5 +90,8 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
                 f"batch of {value.shape[0]} examples cannot be split over {data_size} devices; "
                 f"use a batch size divisible by {data_size}"
             )
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        if jax.process_count() == 1:
+            out[key] = jax.device_put(value, sharding)  # the cheaper path on one host
+        else:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
