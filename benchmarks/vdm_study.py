@@ -329,6 +329,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, help="samples per configuration (default 256)")
     parser.add_argument("--steps", type=str, help="comma-separated sampler steps")
     parser.add_argument("--samplers", type=str, default="ancestral,ddim")
+    parser.add_argument("--tag", type=str, help="output name suffix, e.g. 'steps1000'")
     parser.add_argument("--train-steps", type=int, help="VDM training steps (default: preset)")
     parser.add_argument("--step", type=int, help="VDM checkpoint step (default: newest)")
     parser.add_argument("--draws", type=int, help="(t, eps) draws per test image (default 16)")
@@ -339,7 +340,7 @@ def main() -> None:
     default_steps = "2,5" if quick else "10,25,50,100,250,1000"
     step_counts = [int(s) for s in (args.steps or default_steps).split(",")]
     samplers = [s.strip() for s in args.samplers.split(",")]
-    suffix = ".quick" if quick else ""
+    suffix = f".{args.tag}" if args.tag else (".quick" if quick else "")
     start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -365,9 +366,11 @@ def main() -> None:
     command = "python benchmarks/vdm_study.py" + (" --quick" if quick else "")
     if args.reuse:
         command += f" --reuse {args.reuse}"
-    for flag in ("train_steps", "num", "steps", "step", "draws"):
+    for flag in ("train_steps", "num", "steps", "step", "draws", "tag"):
         if getattr(args, flag) is not None:
             command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
+    if args.samplers != "ancestral,ddim":
+        command += f" --samplers {args.samplers}"
     result = {
         "meta": {
             "device": f"{jax.devices()[0].platform} ({platform.machine()}, "
