@@ -129,3 +129,33 @@ def test_vmoe_routing_changes_at_evaluation_time(tmp_path):
         args = ["eval", str(workdir), "--set", f"model.moe.num_selected_experts={k}"]
         result = runner.invoke(app, args + ["--set", "model.moe.capacity_factor=4.0"])
         assert result.exit_code == 0 and "accuracy" in result.output, result.output
+
+
+def test_performer_lm_train_then_generate(tmp_path):
+    workdir = tmp_path / "lm"
+    tiny = [
+        "model.hidden_size=16",
+        "model.num_heads=2",
+        "model.mlp_dim=32",
+        "model.num_layers=1",
+        "model.seq_len=32",
+        "model.attention.num_features=8",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    ]
+    result = runner.invoke(
+        app, ["train", "performer-lm-stdlib", "--workdir", str(workdir), *sets(tiny)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "bits_per_byte" in result.output
+    args = ["generate", str(workdir), "--prompt", "def ", "--num-tokens", "12", "--seed", "3"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("def ") and first.output == runner.invoke(app, args).output
+    result = runner.invoke(app, ["generate", str(workdir), "--num-tokens", "500"])
+    assert result.exit_code == 2 and "exceeds the model's context" in result.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from flaxlab.configs.text import performer_lm_stdlib
 from flaxlab.configs.vdm import vdm_cifar10, vdm_digits
 from flaxlab.configs.vision import mixer_digits, vit_digits, vmoe_digits
 from flaxlab.train.config import ExperimentConfig, apply_overrides
@@ -19,6 +20,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "vmoe-digits": vmoe_digits,
     "vdm-digits": vdm_digits,
     "vdm-cifar10": vdm_cifar10,
+    "performer-lm-stdlib": performer_lm_stdlib,
 }
 
 

@@ -18,7 +18,13 @@ from flaxlab.data.sources import (
 
 # Sources for non-image tasks register here: name -> "module:function", the function taking the
 # data config and returning (train_batches(step) -> dict, eval_iterator_factory() -> Iterator).
-_EXTRA_SOURCES: dict[str, str] = {}
+_EXTRA_SOURCES: dict[str, str] = {"stdlib_text": "flaxlab.data.text:text_batches"}
+IMAGE_SOURCES = ("digits", "npz", "image_folder", "cifar")
+
+
+def data_source_names() -> list[str]:
+    """Every accepted ``data.name``."""
+    return sorted(set(IMAGE_SOURCES) | set(_EXTRA_SOURCES))
 
 
 def register_data_source(name: str, spec: str) -> None:

@@ -15,6 +15,7 @@ _FAMILIES: dict[str, str] = {
     "mixer": "flaxlab.models.mixer:MixerConfig:Mixer",
     "vmoe": "flaxlab.models.vmoe:VMoEConfig:VMoE",
     "vdm": "flaxlab.models.vdm:VDMConfig:VDM",
+    "performer_lm": "flaxlab.models.performer_lm:PerformerLMConfig:PerformerLM",
 }
 
 

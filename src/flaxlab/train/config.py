@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any
 
+from flaxlab.data.factory import data_source_names
 from flaxlab.models.registry import model_config_class
 from flaxlab.optim.factory import OPTIMIZERS
 
@@ -23,8 +24,10 @@ class DataConfig:
     """Where the data come from and how they are batched.
 
     Attributes:
-      name: ``digits`` (bundled), ``npz``, ``image_folder``, ``cifar`` or ``text`` (LM tasks).
-      path: training data for ``npz``/``image_folder``/``cifar``/``text``.
+      name: ``digits`` (bundled), ``npz``, ``image_folder``, ``cifar``, or ``stdlib_text``
+        (the Python standard library's sources as bytes, for language models).
+      path: training data for ``npz``/``image_folder``/``cifar`` (``stdlib_text``: another
+        folder of the standard library's layout).
       eval_path: evaluation data (defaults: digits' test split, CIFAR's test batch).
       batch_size: global training batch size (divisible by the number of devices).
       eval_batch_size: evaluation batch size.
@@ -146,7 +149,7 @@ def validate(config: ExperimentConfig) -> None:
         "optimizer.name": (config.optimizer.name, tuple(OPTIMIZERS)),
         "optimizer.decay": (config.optimizer.decay, ("cosine", "linear", "constant")),
         "train.best_mode": (config.train.best_mode, ("max", "min")),
-        "data.name": (config.data.name, ("digits", "npz", "image_folder", "cifar", "text")),
+        "data.name": (config.data.name, tuple(data_source_names())),
     }
     for field, (value, accepted) in choices.items():
         if value not in accepted:

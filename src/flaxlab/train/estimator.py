@@ -166,16 +166,23 @@ class Estimator:
         base_key = jax.random.key(self.config.train.seed)
         schedule = self.schedule
 
-        def loss_fn(params, rest, batch, key):
-            model = nnx.merge(graphdef, params, rest)
+        def loss_fn(model, batch, key):
             rngs = nnx.Rngs(
                 key, dropout=jax.random.fold_in(key, 1), sample=jax.random.fold_in(key, 2)
             )
-            loss, metrics = task.loss(model, batch, rngs)
-            _, _, new_rest = nnx.split(model, nnx.Param, ...)
-            return loss, (metrics, new_rest)
+            return task.loss(model, batch, rngs)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # nnx.value_and_grad (not jax's) so that non-parameter state the model updates while
+        # training (e.g. a FAVOR+ redraw counter) is carried out of the differentiated call.
+        value_and_grad = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True
+        )
+
+        def grad_fn(params, rest, batch, key):
+            model = nnx.merge(graphdef, params, rest)
+            (loss, metrics), grads = value_and_grad(model, batch, key)
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            return (loss, (metrics, new_rest)), grads
 
         def train_step(state, batch):
             params, rest, step = state["params"], state["rest"], state["step"]
@@ -186,16 +193,15 @@ class Estimator:
                 micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
 
                 def body(carry, inputs):
-                    grads_sum, rest = carry
+                    # params ride in the carry: NNX builds the model from this trace's values.
+                    grads_sum, rest, p = carry
                     index, microbatch = inputs
-                    (_, (m, rest)), g = grad_fn(
-                        params, rest, microbatch, jax.random.fold_in(key, index)
-                    )
-                    return (jax.tree.map(jnp.add, grads_sum, g), rest), m
+                    (_, (m, rest)), g = grad_fn(p, rest, microbatch, jax.random.fold_in(key, index))
+                    return (jax.tree.map(jnp.add, grads_sum, g), rest, p), m
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                (grads, rest), per_micro = jax.lax.scan(
-                    body, (zeros, rest), (jnp.arange(accum), micro)
+                (grads, rest, _), per_micro = jax.lax.scan(
+                    body, (zeros, rest, params), (jnp.arange(accum), micro)
                 )
                 grads = jax.tree.map(lambda g: g / accum, grads)
                 metrics = jax.tree.map(lambda m: m.mean(0), per_micro)

@@ -118,6 +118,7 @@ class ClassificationTask:
 _TASKS: dict[str, Any] = {
     "classification": ClassificationTask,
     "vdm": "flaxlab.train.vdm_task:VDMTask",
+    "lm": "flaxlab.train.lm_task:LMTask",
 }
 
 
