@@ -356,8 +356,10 @@ def main() -> None:
     print(f"learned - fixed: {p['learned_minus_fixed']:+.4f} +- {p['ci95']:.4f} bpd", flush=True)
     quality, grids = quality_vs_steps(root, step_counts, samplers, num, args.step)
 
-    figures = [f"docs/vdm_quality_vs_steps{suffix}.png"]
-    plot_quality(quality, ROOT / figures[0])
+    figures = []
+    if len(step_counts) > 1:
+        figures.append(f"docs/vdm_quality_vs_steps{suffix}.png")
+        plot_quality(quality, ROOT / figures[0])
     for sampler, (images, _) in grids.items():
         name = f"docs/vdm_samples_{sampler}{suffix}.png"
         write_grid(images[:128], ROOT / name)
