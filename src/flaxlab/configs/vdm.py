@@ -9,9 +9,10 @@ from flaxlab.train.config import DataConfig, ExperimentConfig, OptimizerConfig, 
 def vdm_digits() -> ExperimentConfig:
     """VDM (learned scalar schedule, 4-block U-Net of width 32) on the bundled 8x8 digits.
 
-    Command: ``flaxlab train vdm-digits`` then ``flaxlab sample runs/vdm-digits``. Expected:
-    test bits/dim (4 draws per image, with a 95% interval) well below the fixed-schedule run of
-    the same length (``--set model.schedule=fixed``); see docs/vdm.md for the measured numbers.
+    Command: ``flaxlab train vdm-digits`` then ``flaxlab sample runs/vdm-digits``. Reports test
+    bits/dim over 4 stratified draws per image with a 95% interval. Measured so far (300-step
+    runs on a shared CPU, docs/vdm.md): about 5.70 bits/dim, learned and fixed schedules within
+    0.01 of each other; samples are digit-like strokes, a minority clearly recognisable.
     """
     return ExperimentConfig(
         family="vdm",
