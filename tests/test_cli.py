@@ -32,7 +32,17 @@ VMOE_TINY = [
 ] + [s for s in TINY if not s.startswith("model.num_layers")]
 
 
-@pytest.mark.parametrize("preset, tiny", [("mixer-digits", MIXER_TINY), ("vmoe-digits", VMOE_TINY)])
+FAVOR_VIT_TINY = TINY + ["model.attention.kind=favor", "model.attention.num_features=8"]
+
+
+@pytest.mark.parametrize(
+    "preset, tiny",
+    [
+        ("mixer-digits", MIXER_TINY),
+        ("vmoe-digits", VMOE_TINY),
+        ("vit-digits", FAVOR_VIT_TINY),  # Performer-ViT: FAVOR+ attention as a drop-in
+    ],
+)
 def test_train_eval_predict(tmp_path, preset, tiny):
     workdir = tmp_path / preset
     result = runner.invoke(app, ["train", preset, "--workdir", str(workdir), *sets(tiny)])
