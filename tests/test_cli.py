@@ -135,6 +135,7 @@ def test_vmoe_routing_changes_at_evaluation_time(tmp_path):
     assert result.exit_code == 0, result.output
     records = [line for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert "moe1_dropped_fraction" in records[0] and "moe1_router_entropy" in records[0]
+    assert "moe1_expert_load_0" in records[0] and "moe1_expert_load_1" in records[0]
     for k in ("1", "2"):
         args = ["eval", str(workdir), "--set", f"model.moe.num_selected_experts={k}"]
         result = runner.invoke(app, args + ["--set", "model.moe.capacity_factor=4.0"])

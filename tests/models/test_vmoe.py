@@ -98,7 +98,16 @@ def test_config_round_trips_through_json():
 def test_forward_shapes_aux_and_head_bias(model, images):
     logits, aux = run(model, images)
     assert logits.shape == (8, 10) and logits.dtype == jnp.float32
-    assert set(aux) == {"aux_loss", "moe1_dropped_fraction", "moe1_router_entropy", "moe1_max_load"}
+    assert set(aux) == {
+        "aux_loss",
+        "moe1_dropped_fraction",
+        "moe1_router_entropy",
+        "moe1_max_load",
+        "moe1_expert_load",
+    }
+    load = np.asarray(aux["moe1_expert_load"])
+    assert load.shape == (model.config.moe.num_experts,)
+    np.testing.assert_allclose(load.max() * load.size, aux["moe1_max_load"], rtol=1e-6)
     layer = model.moe_layers()[0]
     # Experts share their initialisation (the reference's split_rngs=False).
     kernel = np.asarray(layer.experts.fc1_kernel[...])

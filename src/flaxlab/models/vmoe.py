@@ -317,6 +317,8 @@ class VMoE(ViT):
             aux[f"moe{i}_dropped_fraction"] = a["dropped_fraction"]
             aux[f"moe{i}_router_entropy"] = a["router_entropy"]
             aux[f"moe{i}_max_load"] = jnp.max(a["expert_load"]) * m.num_experts
+            # Per-expert share of the assignments; the estimator logs one metric per expert.
+            aux[f"moe{i}_expert_load"] = a["expert_load"]
         return logits, aux
 
 
