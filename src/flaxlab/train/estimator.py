@@ -231,13 +231,7 @@ class Estimator:
 
     def restore_model(self, step: int | None = None) -> nnx.Module:
         """The model of a checkpoint (default: newest readable), with EMA weights if kept."""
-        checkpointer = self._checkpointer()
-        try:
-            _, state = self._restore(checkpointer, step)
-        finally:
-            checkpointer.close()
-        if state is None:
-            raise TrainingError(f"{self.workdir} holds no readable checkpoint")
+        _, state = self._restore_checkpoint(step)
         return nnx.merge(self.graphdef, self._model_params(state), state["rest"])
 
     def _model_params(self, state):
@@ -465,6 +459,17 @@ class Estimator:
 
     # ------------------------------------------------------------------ evaluate / predict
 
+    def _restore_checkpoint(self, step: int | None):
+        """``(step, state)`` of this work directory's checkpoint (``None``: newest readable)."""
+        checkpointer = self._checkpointer()
+        try:
+            found, state = self._restore(checkpointer, step)
+        finally:
+            checkpointer.close()
+        if state is None:
+            raise TrainingError(f"{self.workdir} holds no readable checkpoint")
+        return found, state
+
     def _checkpointer(self) -> Checkpointer:
         directory = self.workdir / "checkpoints"
         if not directory.is_dir():
@@ -473,13 +478,7 @@ class Estimator:
 
     def evaluate(self, step: int | None = None) -> tuple[int, dict[str, float]]:
         """Evaluates one checkpoint (default: the newest readable) on the evaluation set."""
-        checkpointer = self._checkpointer()
-        try:
-            found, state = self._restore(checkpointer, step)
-        finally:
-            checkpointer.close()
-        if state is None:
-            raise TrainingError(f"{self.workdir} holds no readable checkpoint")
+        found, state = self._restore_checkpoint(step)
         _, eval_iterator = make_data(self.config.data)
         metrics = self._evaluate_state(state, eval_iterator)
         MetricsWriter(self.workdir / "eval.jsonl").write(found, "eval", metrics)
@@ -553,13 +552,7 @@ class Estimator:
 
     def predict(self, data_config, output: str | Path, step: int | None = None) -> Path:
         """Runs the task's predictions over the evaluation split of ``data_config``; writes .npz."""
-        checkpointer = self._checkpointer()
-        try:
-            found, state = self._restore(checkpointer, step)
-        finally:
-            checkpointer.close()
-        if state is None:
-            raise TrainingError(f"{self.workdir} holds no readable checkpoint")
+        found, state = self._restore_checkpoint(step)
         _, eval_iterator = make_data(data_config)
         predict_step = self._get_predict_step()
         params, rest = self._model_params(state), state["rest"]
