@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -167,7 +168,11 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()})"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = (
+        f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, "
+        f"{cores} core{'s' if cores != 1 else ''} usable)"
+    )
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"train_throughput{suffix}.json").write_text(

@@ -26,6 +26,7 @@ from flaxlab.nn.favor_causal import (
     DEFAULT_CHUNK_SIZE,
     CausalTerms,
     FavorCausalState,
+    causal_favor,
     causal_feature_terms,
     causal_numerator_denominator,
     chunked_causal_linear_attention,
@@ -53,6 +54,7 @@ __all__ = [
     "FavorKernel",
     "FavorProjection",
     "FavorSeed",
+    "causal_favor",
     "causal_feature_terms",
     "causal_numerator_denominator",
     "chunked_causal_linear_attention",
@@ -155,15 +157,16 @@ def favor_attention(
     if projection is not None:
         projection = projection.astype(compute_dtype)
     if causal:
-        terms = causal_feature_terms(
+        numerator, denominator = causal_favor(
             q,
             k,
+            v,
             projection,
             kernel=kernel,
             numerical_stabilizer=numerical_stabilizer,
             mask=mask,
+            chunk_size=chunk_size,
         )
-        numerator, denominator = causal_numerator_denominator(terms, v, chunk_size=chunk_size)
     else:
         numerator, denominator = _bidirectional(
             q, k, v, projection, kernel, numerical_stabilizer, mask

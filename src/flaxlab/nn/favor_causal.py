@@ -24,7 +24,6 @@ The ``u`` part is two cumulative sums of ``[L, D]`` arrays.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -81,71 +80,74 @@ def _chunk_offsets(c):
 
 
 def _forward_chunks(q, e, c, v):
-    """Chunk-major forward pass ``[N, B, H, C, *]``.
+    """Chunk-major forward pass ``[N, B, H, C, *]``; ``v`` may carry a ones column (then the
+    last output column is the denominator).
 
     All matmuls are batched over chunks; only the ``[M, D]`` state recurrence
     ``S_{n+1} = e^{cs_n - ce_n} S_n + sum_{j in n} e^{c_j - ce_n} E_j V_j^T`` runs as a
-    ``lax.scan`` over chunks (elementwise work only). Returns outputs and residuals.
+    ``lax.scan`` over chunks (elementwise work only). Returns the output and the residuals
+    (the state entering each chunk and the intra-chunk weights).
     """
     start, end = _chunk_offsets(c)
     to_end = jnp.exp(c - end[..., None])[..., None]
     from_start = jnp.exp(start[..., None] - c)[..., None]
-    keys_to_end = e * to_end
-    local_kv = jnp.einsum("nbhjm,nbhjd->nbhmd", keys_to_end, v)
-    local_ks = jnp.sum(keys_to_end, axis=-2)
-    carry_scale = jnp.exp(start - end)
+    local_kv = jnp.einsum("nbhjm,nbhjd->nbhmd", e * to_end, v)
+    carry_scale = jnp.exp(start - end)[..., None, None]
 
     def advance(state, chunk):
-        kv, ks = state
-        scale, lkv, lks = chunk
-        return (scale[..., None, None] * kv + lkv, scale[..., None] * ks + lks), state
+        scale, local = chunk
+        return scale * state + local, state
 
-    zero = (jnp.zeros_like(local_kv[0]), jnp.zeros_like(local_ks[0]))
-    _, (kv, ks) = lax.scan(advance, zero, (carry_scale, local_kv, local_ks))
+    _, kv = lax.scan(advance, jnp.zeros_like(local_kv[0]), (carry_scale, local_kv))
     weights = jnp.einsum("nbhim,nbhjm->nbhij", q, e) * _intra_chunk_decay(c)
-    numerator = jnp.einsum("nbhij,nbhjd->nbhid", weights, v)
-    numerator += from_start * jnp.einsum("nbhim,nbhmd->nbhid", q, kv)
-    denominator = jnp.sum(weights, axis=-1)
-    denominator += from_start[..., 0] * jnp.einsum("nbhim,nbhm->nbhi", q, ks)
-    return (numerator, denominator), (kv, ks, weights)
+    out = jnp.einsum("nbhij,nbhjd->nbhid", weights, v)
+    out += from_start * jnp.einsum("nbhim,nbhmd->nbhid", q, kv)
+    return out, (kv, weights)
 
 
-def _backward_chunks(q, e, c, v, kv, ks, weights, d_num, d_den):
+def _backward_chunks(q, e, c, v, kv, weights, d_out):
     """Reverse of :func:`_forward_chunks`: batched matmuls plus a reverse scan over chunks for
     ``G_n = sum_{i after chunk n} e^{ce_n - c_i} Q_i dy_i^T`` (the leaving state's gradient)."""
     start, end = _chunk_offsets(c)
     to_end = jnp.exp(c - end[..., None])[..., None]
     from_start = jnp.exp(start[..., None] - c)[..., None]
-    scaled_queries = q * from_start
-    local_gkv = jnp.einsum("nbhim,nbhid->nbhmd", scaled_queries, d_num)
-    local_gks = jnp.einsum("nbhim,nbhi->nbhm", scaled_queries, d_den)
-    carry_scale = jnp.exp(start - end)
+    local_grad = jnp.einsum("nbhim,nbhid->nbhmd", q * from_start, d_out)
+    carry_scale = jnp.exp(start - end)[..., None, None]
 
-    def retreat(grad_out, chunk):
-        gkv, gks = grad_out
-        scale, lgkv, lgks = chunk
-        return (lgkv + scale[..., None, None] * gkv, lgks + scale[..., None] * gks), grad_out
+    def retreat(grad, chunk):
+        scale, local = chunk
+        return local + scale * grad, grad
 
-    zero = (jnp.zeros_like(local_gkv[0]), jnp.zeros_like(local_gks[0]))
-    xs = (carry_scale, local_gkv, local_gks)
-    _, (grad_kv, grad_ks) = lax.scan(retreat, zero, xs, reverse=True)
-    d_weights = jnp.einsum("nbhid,nbhjd->nbhij", d_num, v) + d_den[..., None]
-    d_weights *= _intra_chunk_decay(c)
-    dq = jnp.einsum("nbhij,nbhjm->nbhim", d_weights, e)
-    dq += from_start * (
-        jnp.einsum("nbhid,nbhmd->nbhim", d_num, kv) + d_den[..., None] * ks[..., None, :]
+    _, grad_kv = lax.scan(
+        retreat, jnp.zeros_like(local_grad[0]), (carry_scale, local_grad), reverse=True
     )
+    d_weights = jnp.einsum("nbhid,nbhjd->nbhij", d_out, v) * _intra_chunk_decay(c)
+    dq = jnp.einsum("nbhij,nbhjm->nbhim", d_weights, e)
+    dq += from_start * jnp.einsum("nbhid,nbhmd->nbhim", d_out, kv)
     de = jnp.einsum("nbhij,nbhim->nbhjm", d_weights, q)
-    de += to_end * (jnp.einsum("nbhmd,nbhjd->nbhjm", grad_kv, v) + grad_ks[..., None, :])
-    dv = jnp.einsum("nbhij,nbhid->nbhjd", weights, d_num)
+    de += to_end * jnp.einsum("nbhmd,nbhjd->nbhjm", grad_kv, v)
+    dv = jnp.einsum("nbhij,nbhid->nbhjd", weights, d_out)
     dv += to_end * jnp.einsum("nbhjm,nbhmd->nbhjd", e, grad_kv)
     dc = jnp.sum(e * de, axis=-1) - jnp.sum(q * dq, axis=-1)
     return dq, de, dc, dv
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_core(q, e, c, v, chunk_size):
-    return _chunked_core_fwd(q, e, c, v, chunk_size)[0]
+@jax.custom_vjp
+def _chunk_core(q, e, c, v):
+    """Causal linear attention in chunk layout ``[N, B, H, C, *]`` (custom VJP, linear memory)."""
+    return _forward_chunks(q, e, c, v)[0]
+
+
+def _chunk_core_fwd(q, e, c, v):
+    out, (kv, weights) = _forward_chunks(q, e, c, v)
+    return out, (q, e, c, v, kv, weights)
+
+
+def _chunk_core_bwd(residuals, d_out):
+    return _backward_chunks(*residuals, d_out)
+
+
+_chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
 
 
 def _pad_to_chunks(x, num_chunks, chunk_size, mode="constant"):
@@ -155,28 +157,9 @@ def _pad_to_chunks(x, num_chunks, chunk_size, mode="constant"):
     return _to_chunks(x, num_chunks, chunk_size)
 
 
-def _chunked_core_fwd(q, e, c, v, chunk_size):
-    length = q.shape[1]
-    num_chunks = -(-length // chunk_size)
-    qc, ec, vc = (_pad_to_chunks(x, num_chunks, chunk_size) for x in (q, e, v))
-    cc = _pad_to_chunks(c, num_chunks, chunk_size, mode="edge")
-    (numerator, denominator), (kv, ks, weights) = _forward_chunks(qc, ec, cc, vc)
-    outputs = (_from_chunks(numerator)[:, :length], _from_chunks(denominator)[:, :length])
-    return outputs, (qc, ec, cc, vc, kv, ks, weights)
-
-
-def _chunked_core_bwd(chunk_size, residuals, cotangents):
-    qc, ec, cc, vc, kv, ks, weights = residuals
-    d_num, d_den = cotangents
-    length = d_num.shape[1]
-    num_chunks = qc.shape[0]
-    d_num = _pad_to_chunks(d_num, num_chunks, chunk_size)
-    d_den = _pad_to_chunks(d_den, num_chunks, chunk_size)
-    grads = _backward_chunks(qc, ec, cc, vc, kv, ks, weights, d_num, d_den)
-    return tuple(_from_chunks(g)[:, :length] for g in grads)
-
-
-_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+def _with_ones(v: jax.Array) -> jax.Array:
+    """Values with a ones column appended: one pass yields numerator and denominator."""
+    return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
 
 
 def chunked_causal_linear_attention(
@@ -214,10 +197,113 @@ def chunked_causal_linear_attention(
       >>> z[0, :, 0]
       Array([ 3.,  6.,  9., 12., 15.], dtype=float32)
     """
-    chunk = default_chunk_size(q.shape[1]) if chunk_size is None else int(chunk_size)
+    length = q.shape[1]
+    chunk = _chunk_size(length, chunk_size)
+    num_chunks = -(-length // chunk)
+    qc, ec, vc = (_pad_to_chunks(x, num_chunks, chunk) for x in (q, e, _with_ones(v)))
+    cc = _pad_to_chunks(c, num_chunks, chunk, mode="edge")
+    out = _from_chunks(_chunk_core(qc, ec, cc, vc))[:, :length]
+    return out[..., :-1], out[..., -1]
+
+
+def _chunk_size(length: int, chunk_size: int | None) -> int:
+    chunk = default_chunk_size(length) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return _chunked_core(q, e, c, v, chunk)
+    return chunk
+
+
+def _chunk_prefix_sum(x: jax.Array) -> jax.Array:
+    """Inclusive prefix sum over positions of a chunk-layout ``[N, B, H, C, D]`` array."""
+    chunk = x.shape[3]
+    lower = jnp.tril(jnp.ones((chunk, chunk), x.dtype))
+    within = jnp.einsum("ij,nbhjd->nbhid", lower, x)
+    totals = within[:, :, :, -1]
+    before = jnp.cumsum(totals, axis=0) - totals
+    return within + before[:, :, :, None]
+
+
+def _chunk_running_max(x: jax.Array) -> jax.Array:
+    """Running max over positions of a chunk-layout ``[N, B, H, C]`` array."""
+    # associative_scan, not lax.cummax: XLA's CPU cummax is a reduce-window, quadratic in L.
+    within = lax.associative_scan(jnp.maximum, x, axis=3)
+    totals = lax.associative_scan(jnp.maximum, within[..., -1], axis=0)
+    before = jnp.concatenate([jnp.full_like(totals[:1], MASKED_LOG_OFFSET), totals[:-1]], axis=0)
+    return jnp.maximum(within, before[..., None])
+
+
+def causal_favor(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    projection: jax.Array | None,
+    *,
+    kernel: str,
+    numerical_stabilizer: float,
+    mask: jax.Array | None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal FAVOR+ numerator ``[B, L, H, D]`` and denominator ``[B, L, H]``, strictly causal.
+
+    Everything runs in chunk layout ``[N, B, H, C, *]``: the inputs (``d`` wide) are rearranged
+    once, the ``M``-wide features are computed there and never transposed, values carry a ones
+    column so one pass gives numerator and denominator, and only the ``D + 1``-wide result is
+    rearranged back. Same maths as :func:`causal_feature_terms` followed by
+    :func:`causal_numerator_denominator`.
+    """
+    b, length, h, _ = q.shape
+    chunk = _chunk_size(length, chunk_size)
+    num_chunks = -(-length // chunk)
+    # Padded positions come after every real one: strict causality keeps them out of the outputs.
+    qc, kc, vc = (_pad_to_chunks(x, num_chunks, chunk) for x in (q, k, _with_ones(v)))
+    keep = None
+    if mask is not None:
+        keep = _pad_to_chunks(mask.astype(bool)[:, :, None], num_chunks, chunk)  # [N, B, 1, C]
+    if kernel == "relu":
+        flat = (num_chunks * b, h, chunk)
+        qf, kf = (
+            relu_kernel_features(x.reshape(flat + x.shape[-1:]), projection).reshape(
+                x.shape[:-1] + (-1,)
+            )
+            for x in (qc, kc)
+        )
+        if keep is not None:
+            kf = kf * keep[..., None].astype(kf.dtype)
+        out = _chunk_core(qf, kf, jnp.zeros(kf.shape[:-1], kf.dtype), vc)
+    elif kernel == "softmax":
+        if projection is None:
+            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+        # The features' 1/sqrt(M) ratio multiplies the numerator and denominator by ratio^2: it
+        # is applied once to the (D + 1)-wide result instead of to every M-wide feature array.
+        logits, half_sq_norm, ratio = softmax_projection_terms(qc, projection)
+        qf = (
+            jnp.exp(logits - half_sq_norm - jnp.max(logits, axis=-1, keepdims=True))
+            + numerical_stabilizer
+        )
+        logits, half_sq_norm, _ = softmax_projection_terms(kc, projection)
+        key_max = jnp.max(logits, axis=-1)
+        if keep is not None:
+            key_max = jnp.where(keep, key_max, MASKED_LOG_OFFSET)
+        offsets = _chunk_running_max(key_max)
+        # Each pair's weight q_i . kf_j e^{c_j - c_i} = q_i . e^{logit_j - |k_j|^2/2 - c_i}
+        # depends on the offsets only through e^{-c_i}: so the core and the key features use
+        # constant offsets, and the exact gradient with respect to c_i (-<dy_i, y_i>) comes from
+        # one factor e^{sg(c_i) - c_i} = 1 on the D-wide output (no M-wide gradient passes).
+        fixed = lax.stop_gradient(offsets)
+        exponent = logits - half_sq_norm - fixed[..., None]
+        if keep is not None:
+            exponent = jnp.where(keep[..., None], exponent, -jnp.inf)
+        out = _chunk_core(qf, jnp.exp(exponent), fixed, vc) * jnp.exp(fixed - offsets)[..., None]
+        # The stabiliser's additive part is not relative to the offsets: plain prefix sums.
+        eps_values = numerical_stabilizer * vc
+        if keep is not None:
+            eps_values = eps_values * keep[..., None].astype(vc.dtype)
+        out += jnp.sum(qf, axis=-1, keepdims=True) * _chunk_prefix_sum(eps_values)
+        out *= ratio**2
+    else:
+        raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    out = _from_chunks(out)[:, :length]
+    return out[..., :-1], out[..., -1]
 
 
 class CausalTerms(NamedTuple):
@@ -270,7 +356,7 @@ def causal_numerator_denominator(
         qf, kf, offsets, v, chunk_size=chunk_size
     )
     if eps_weights is not None:
-        chunk = default_chunk_size(qf.shape[1]) if chunk_size is None else int(chunk_size)
+        chunk = _chunk_size(qf.shape[1], chunk_size)
         query_sums = jnp.sum(qf, axis=-1)
         weighted = jnp.concatenate([eps_weights[..., None] * v, eps_weights[..., None]], axis=-1)
         prefix = causal_prefix_sum(weighted, chunk)
