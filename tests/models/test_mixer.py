@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tests import numpy_reference as ref
 
 from flaxlab.models import Mixer, MixerConfig, count_parameters
+from tests import numpy_reference as ref
 
 
 def test_mixer_b16_parameter_count_matches_the_reference():

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tests import numpy_reference as ref
 
 from flaxlab.models import ViT, ViTConfig, count_parameters
+from tests import numpy_reference as ref
 
 
 @pytest.mark.parametrize(

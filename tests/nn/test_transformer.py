@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tests import numpy_reference as ref
 
 from flaxlab.nn import AttentionConfig, Encoder, EncoderBlock, MultiHeadAttention, drop_path
+from tests import numpy_reference as ref
 
 
 def params64(module):

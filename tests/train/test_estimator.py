@@ -201,3 +201,27 @@ def test_gradient_accumulation_equals_one_big_batch_and_ema(tmp_path):
         states[1]["params"],
         states[2]["params"],
     )
+
+
+def test_tensorboard_events_hold_every_metrics_record(tmp_path):
+    # The legacy loader yields the events as written (the other migrates scalars to tensors).
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    workdir = tmp_path / "tb"
+    overrides = TINY + ["train.tensorboard=true", "train.steps=6", "train.checkpoint_every=6"]
+    Estimator(get_preset("vit-digits", overrides), workdir, progress=False).train()
+    files = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    events = {}
+    for event in LegacyEventFileLoader(str(files[0])).Load():
+        for value in event.summary.value:
+            events[(event.step, value.tag)] = value.simple_value
+    expected = {
+        (r["step"], f"{r['split']}/{k}"): v
+        for r in read_jsonl(workdir / "metrics.jsonl")
+        for k, v in r.items()
+        if k not in ("step", "split")
+    }
+    assert set(events) == set(expected) and ("train/loss" in {t for _, t in events})
+    for key, value in expected.items():
+        assert events[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
