@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -406,6 +407,8 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=None, help="override the default")
     parser.add_argument("--skip-error", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--lengths", type=str, help="comma-separated sequence lengths to time")
+    parser.add_argument("--tag", type=str, help="results name suffix, e.g. 'speed4k'")
     args = parser.parse_args(argv)
     if args.quick:
         features, stds, err_len, draws = [64, 256], [1.0], 64, 2
@@ -418,8 +421,12 @@ def main(argv=None):
         exact_max, scan_max = 4096, 65536
         sweep = [32, 64, 128, 256] if args.chunk_sweep else []
         suffix = ""
+    if args.lengths:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    if args.tag:
+        suffix += f".{args.tag}"
     meta = dict(
-        command="python benchmarks/favor.py" + (" --quick" if args.quick else ""),
+        command=" ".join(["python benchmarks/favor.py", *(sys.argv[1:] if argv is None else argv)]),
         device=f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{platform.processor() or platform.machine()}",
         jax=jax.__version__,
