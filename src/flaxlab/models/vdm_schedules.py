@@ -37,10 +37,9 @@ def _check_range(gamma_min: float, gamma_max: float) -> None:
 
 
 class _Schedule(nnx.Module):
-    has_shape_params = False
+    """What every schedule shares; each one defines ``__call__(t) -> gamma(t)``."""
 
-    def __call__(self, t) -> jax.Array:
-        raise NotImplementedError
+    has_shape_params = False
 
     def derivative(self, t) -> jax.Array:
         """``gamma'(t)`` by forward-mode differentiation."""

@@ -12,14 +12,16 @@ key logits, which replaces the reference's max over *all* positions: the key fea
 query ``i`` are exactly ``(exp(x_s W^T - ||x_s||^2/2 - c_i) + eps) / sqrt(M)``, a function of keys
 ``j <= i`` only. All exponents ``c_j - c_i`` are ``<= 0``, so nothing overflows.
 
-The ``e^{c_j-c_i} Q_i \cdot E_j`` part is computed by :func:`chunked_causal_linear_attention`:
+The ``e^{c_j-c_i} Q_i \cdot E_j`` part (:func:`causal_favor` in chunk layout, or
+:func:`chunked_causal_linear_attention` for given features) is computed:
 quadratic inside chunks of ``C`` positions, and a running ``[M, D]`` state between chunks. All
 matmuls are batched over chunks (large, accelerator-friendly products); only the state
 recurrence ``S_{n+1} = e^{cs_n - ce_n} S_n + (local sum of chunk n)`` is a ``lax.scan`` over the
 ``L / C`` chunks, with elementwise work per step. The hand-written backward pass has the same
 structure (a reverse scan for the state gradient). Memory is ``O(L (M + D + C) + (L / C) M D)``
 in both passes: never ``L x M x D`` (a cumulative sum of outer products) and never ``L x L``.
-The ``u`` part is two cumulative sums of ``[L, D]`` arrays.
+The values carry a ones column, so one pass gives numerator and denominator; the ``u`` part is
+a chunked prefix sum of ``[L, D + 1]`` values.
 """
 
 from __future__ import annotations
@@ -248,8 +250,7 @@ def causal_favor(
     Everything runs in chunk layout ``[N, B, H, C, *]``: the inputs (``d`` wide) are rearranged
     once, the ``M``-wide features are computed there and never transposed, values carry a ones
     column so one pass gives numerator and denominator, and only the ``D + 1``-wide result is
-    rearranged back. Same maths as :func:`causal_feature_terms` followed by
-    :func:`causal_numerator_denominator`.
+    rearranged back.
     """
     b, length, h, _ = q.shape
     chunk = _chunk_size(length, chunk_size)
@@ -304,85 +305,6 @@ def causal_favor(
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
     out = _from_chunks(out)[:, :length]
     return out[..., :-1], out[..., -1]
-
-
-class CausalTerms(NamedTuple):
-    """Features of a causal FAVOR+ computation (see the module docstring for the formula)."""
-
-    query_features: jax.Array  # [B, L, H, M]
-    key_features: jax.Array  # [B, L, H, M], relative to key_log_offsets
-    key_log_offsets: jax.Array  # [B, L, H], non-decreasing in L
-    key_eps_weights: jax.Array | None  # [B, L, H] or None (no additive term)
-
-
-def causal_feature_terms(
-    q: jax.Array,
-    k: jax.Array,
-    projection: jax.Array | None,
-    *,
-    kernel: str,
-    numerical_stabilizer: float,
-    mask: jax.Array | None,
-) -> CausalTerms:
-    """Feature terms whose causal combination is FAVOR+ with a strictly causal key stabiliser."""
-    if kernel == "relu":
-        qf = relu_kernel_features(q, projection)
-        kf = relu_kernel_features(k, projection, mask=mask)
-        zeros = jnp.zeros(k.shape[:3], kf.dtype)
-        return CausalTerms(qf, kf, zeros, None)
-    if projection is None:
-        raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
-    qf = softmax_kernel_features(
-        q, projection, is_query=True, numerical_stabilizer=numerical_stabilizer
-    )
-    logits, half_sq_norm, ratio = softmax_projection_terms(k, projection)
-    keep = jnp.ones(k.shape[:2], bool) if mask is None else mask.astype(bool)
-    keep = keep[:, :, None]
-    key_max = jnp.where(keep, jnp.max(logits, axis=-1), MASKED_LOG_OFFSET)
-    # associative_scan, not lax.cummax: XLA's CPU cummax is a reduce-window, quadratic in L.
-    offsets = lax.associative_scan(jnp.maximum, key_max, axis=1)
-    exponent = jnp.where(keep[..., None], logits - half_sq_norm - offsets[..., None], -jnp.inf)
-    kf = ratio * jnp.exp(exponent)
-    eps_weights = ratio * numerical_stabilizer * keep.astype(kf.dtype) * jnp.ones_like(offsets)
-    return CausalTerms(qf, kf, offsets, eps_weights)
-
-
-def causal_numerator_denominator(
-    terms: CausalTerms, v: jax.Array, *, chunk_size: int | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Causal numerator ``[B, L, H, D]`` and denominator ``[B, L, H]`` from :class:`CausalTerms`."""
-    qf, kf, offsets, eps_weights = terms
-    numerator, denominator = chunked_causal_linear_attention(
-        qf, kf, offsets, v, chunk_size=chunk_size
-    )
-    if eps_weights is not None:
-        chunk = _chunk_size(qf.shape[1], chunk_size)
-        query_sums = jnp.sum(qf, axis=-1)
-        weighted = jnp.concatenate([eps_weights[..., None] * v, eps_weights[..., None]], axis=-1)
-        prefix = causal_prefix_sum(weighted, chunk)
-        numerator += query_sums[..., None] * prefix[..., :-1]
-        denominator += query_sums * prefix[..., -1]
-    return numerator, denominator
-
-
-def causal_prefix_sum(x: jax.Array, chunk_size: int) -> jax.Array:
-    """Inclusive prefix sum along axis 1 of ``[B, L, H, D]`` in O(L (C + D)) work.
-
-    Within chunks a lower-triangular matmul, between chunks a short cumulative sum of chunk
-    totals (XLA's CPU cumulative sum over a long axis is a reduce-window, superlinear in L).
-    """
-    b, length, h, d = x.shape
-    num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    x = x.reshape(b, num_chunks, chunk_size, h, d)
-    lower = jnp.tril(jnp.ones((chunk_size, chunk_size), x.dtype))
-    within = jnp.einsum("ij,bnjhd->bnihd", lower, x)
-    totals = within[:, :, -1]
-    before = jnp.cumsum(totals, axis=1) - totals
-    out = within + before[:, :, None]
-    return out.reshape(b, num_chunks * chunk_size, h, d)[:, :length]
 
 
 def stabilize_denominator(denominator: jax.Array, numerical_stabilizer: float) -> jax.Array:
