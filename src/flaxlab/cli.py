@@ -133,17 +133,13 @@ def predict(
 ):
     """Write the model's predictions for a data set to an .npz file."""
     _setup_logging(verbose)
-    import dataclasses
-
     from flaxlab.train import Estimator, TrainingError, load_config
 
     try:
         config = load_config(workdir)
         data_config = _data_config_for(config.data, data)
         estimator = Estimator(config, workdir, progress=False)
-        path = estimator.predict(
-            dataclasses.replace(data_config), output or workdir / "predictions.npz", step
-        )
+        path = estimator.predict(data_config, output or workdir / "predictions.npz", step)
     except (ValueError, TrainingError) as error:
         _fail(error)
         return
@@ -167,6 +163,16 @@ def _data_config_for(base, data: str):
     )
 
 
+def _restore_model(workdir: Path, family: str, needs: str, step: int | None):
+    """The model of a run of ``family`` in ``workdir`` (a clear error for another family)."""
+    from flaxlab.train import Estimator, load_config
+
+    config = load_config(workdir)
+    if config.family != family:
+        raise ValueError(f"{workdir} holds a {config.family!r} run; {needs}")
+    return Estimator(config, workdir, progress=False).restore_model(step)
+
+
 @app.command("sample")
 def sample_command(
     workdir: Annotated[Path, typer.Argument(help="A VDM training work directory.")],
@@ -186,15 +192,12 @@ def sample_command(
 ):
     """Sample images from a trained VDM and write them as a PNG grid."""
     _setup_logging(verbose)
-    from flaxlab.train import Estimator, TrainingError, load_config
+    from flaxlab.train import TrainingError
 
     try:
-        config = load_config(workdir)
-        if config.family != "vdm":
-            raise ValueError(f"{workdir} holds a {config.family!r} run; sample needs a VDM run")
+        model = _restore_model(workdir, "vdm", "sample needs a VDM run", step)
         from flaxlab.train.vdm_task import sample_images
 
-        model = Estimator(config, workdir, progress=False).restore_model(step)
         labels = None if label is None else [label] * num
         path = sample_images(
             model,
@@ -226,17 +229,12 @@ def generate(
     _setup_logging(verbose)
     import jax
 
-    from flaxlab.train import Estimator, TrainingError, load_config
+    from flaxlab.train import TrainingError
 
     try:
-        config = load_config(workdir)
-        if config.family != "performer_lm":
-            raise ValueError(
-                f"{workdir} holds a {config.family!r} run; generate needs a performer_lm run"
-            )
+        model = _restore_model(workdir, "performer_lm", "generate needs a performer_lm run", step)
         from flaxlab.models.performer_lm import generate as generate_bytes
 
-        model = Estimator(config, workdir, progress=False).restore_model(step)
         text = generate_bytes(
             model, prompt.encode("utf-8"), num_tokens, jax.random.key(seed), temperature
         )

@@ -41,3 +41,20 @@ def check_images(images, image_size: tuple[int, int], channels: int, model_name:
             f"{model_name} expects floating-point images scaled to [-1, 1], got dtype "
             f"{images.dtype}; convert uint8 pixels with flaxlab.data.to_float_images"
         )
+
+
+def parse_variant(name: str, sizes: dict, patches, family: str, *, any_patch: bool = False):
+    """``"B/16"`` -> ``(sizes["B"], 16)``; a clear error naming the accepted variants.
+
+    ``patches`` are the accepted patch sizes (with ``any_patch``, only examples for the message).
+    """
+    try:
+        size, patch = name.split("/")
+        dims, patch = sizes[size], int(patch)
+        if not any_patch and patch not in patches:
+            raise KeyError(patch)
+    except (ValueError, KeyError):
+        names = [f"{s}/{p}" for s in sizes for p in patches]
+        accepted = "accepted e.g." if any_patch else "accepted"
+        raise ValueError(f"unknown {family} variant {name!r}; {accepted}: {names}") from None
+    return dims, patch

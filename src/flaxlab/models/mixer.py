@@ -17,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlab.models.common import check_images, resolve_dtype, to_pair
+from flaxlab.models.common import check_images, parse_variant, resolve_dtype, to_pair
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, drop_path, gelu
 
 # name: (hidden_size, num_blocks, tokens_mlp_dim, channels_mlp_dim), as in the reference.
@@ -63,15 +63,8 @@ class MixerConfig:
     @classmethod
     def variant(cls, name: str, **overrides) -> MixerConfig:
         """A named reference variant, e.g. ``"B/16"`` (size S/B/L, patch 16/32)."""
-        try:
-            size, patch = name.split("/")
-            hidden, blocks, tokens_mlp, channels_mlp = MIXER_SIZES[size]
-            patch = int(patch)
-            if patch not in MIXER_PATCHES:
-                raise KeyError(patch)
-        except (ValueError, KeyError):
-            names = [f"{s}/{p}" for s in MIXER_SIZES for p in MIXER_PATCHES]
-            raise ValueError(f"unknown Mixer variant {name!r}; accepted: {names}") from None
+        dims, patch = parse_variant(name, MIXER_SIZES, MIXER_PATCHES, "Mixer")
+        hidden, blocks, tokens_mlp, channels_mlp = dims
         fields = dict(
             hidden_size=hidden,
             num_blocks=blocks,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlab.models.common import check_images, resolve_dtype, to_pair
+from flaxlab.models.common import check_images, parse_variant, resolve_dtype, to_pair
 from flaxlab.nn.attention import AttentionConfig
 from flaxlab.nn.transformer import Encoder
 
@@ -83,15 +83,7 @@ class ViTConfig:
     @classmethod
     def variant(cls, name: str, **overrides) -> ViTConfig:
         """A named reference variant, e.g. ``"B/16"`` (size Ti/S/B/L/H, patch 8/14/16/32)."""
-        try:
-            size, patch = name.split("/")
-            hidden, layers, heads, mlp = VIT_SIZES[size]
-            patch = int(patch)
-            if patch not in VIT_PATCHES:
-                raise KeyError(patch)
-        except (ValueError, KeyError):
-            names = [f"{s}/{p}" for s in VIT_SIZES for p in VIT_PATCHES]
-            raise ValueError(f"unknown ViT variant {name!r}; accepted: {names}") from None
+        (hidden, layers, heads, mlp), patch = parse_variant(name, VIT_SIZES, VIT_PATCHES, "ViT")
         fields = dict(
             hidden_size=hidden,
             num_layers=layers,

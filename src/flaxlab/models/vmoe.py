@@ -35,7 +35,7 @@ import re
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxlab.models.common import resolve_dtype
+from flaxlab.models.common import parse_variant, resolve_dtype
 from flaxlab.models.vit import ViT, ViTConfig
 from flaxlab.nn.moe import DISPATCH_KINDS, ROUTING_KINDS, MoeLayer
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, EncoderBlock, drop_path
@@ -154,13 +154,8 @@ class VMoEConfig(ViTConfig):
         Sizes S/B/L/H as the V-MoE paper (S is hidden 512, 8 layers), representation layer of
         the hidden size, head bias ``-log(num_classes)``, MoE at ``moe_layers``.
         """
-        try:
-            size, patch = name.split("/")
-            hidden, layers, heads, mlp = VMOE_SIZES[size]
-            patch = int(patch)
-        except (ValueError, KeyError):
-            names = [f"{s}/{p}" for s in VMOE_SIZES for p in (16, 32)]
-            raise ValueError(f"unknown V-MoE variant {name!r}; accepted e.g.: {names}") from None
+        dims, patch = parse_variant(name, VMOE_SIZES, (16, 32), "V-MoE", any_patch=True)
+        hidden, layers, heads, mlp = dims
         moe = MoeConfig(
             layers=moe_layer_indices(moe_layers, layers),
             num_experts=num_experts,

@@ -97,8 +97,7 @@ class Estimator:
             decay_mask=getattr(self.task, "weight_decay_mask", None),
         )
         self._train_step = None
-        self._eval_step = None
-        self._predict_step = None
+        self._model_steps: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -237,28 +236,18 @@ class Estimator:
     def _model_params(self, state):
         return state.get("ema", state["params"])
 
-    def _get_eval_step(self):
-        if self._eval_step is None:
-            task, graphdef = self.task, self.graphdef
-
-            def eval_step(params, rest, batch):
-                return task.evaluate(nnx.merge(graphdef, params, rest), batch)
-
-            self._eval_step = jax.jit(eval_step)
-        return self._eval_step
-
-    def _get_predict_step(self):
-        if self._predict_step is None:
-            task, graphdef = self.task, self.graphdef
-
-            def predict_step(params, rest, batch):
-                return task.predict(nnx.merge(graphdef, params, rest), batch)
-
-            self._predict_step = jax.jit(predict_step)
-        return self._predict_step
+    def _model_step(self, method: str):
+        """``task.<method>(model, batch)`` as one jitted function of ``(params, rest, batch)``,
+        built once per estimator (``method``: ``"evaluate"`` or ``"predict"``)."""
+        if method not in self._model_steps:
+            fn, graphdef = getattr(self.task, method), self.graphdef
+            self._model_steps[method] = jax.jit(
+                lambda params, rest, batch: fn(nnx.merge(graphdef, params, rest), batch)
+            )
+        return self._model_steps[method]
 
     def _evaluate_state(self, state, eval_iterator) -> dict[str, float]:
-        eval_step = self._get_eval_step()
+        eval_step = self._model_step("evaluate")
         params, rest = self._model_params(state), state["rest"]
         sums: dict[str, Any] = {}
         for batch in eval_iterator():
@@ -554,7 +543,7 @@ class Estimator:
         """Runs the task's predictions over the evaluation split of ``data_config``; writes .npz."""
         found, state = self._restore_checkpoint(step)
         _, eval_iterator = make_data(data_config)
-        predict_step = self._get_predict_step()
+        predict_step = self._model_step("predict")
         params, rest = self._model_params(state), state["rest"]
         chunks: dict[str, list[np.ndarray]] = {}
         for batch in eval_iterator():
