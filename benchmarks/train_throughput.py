@@ -137,6 +137,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", type=str, help="comma-separated names, e.g. Mixer-B/16")
+    parser.add_argument("--tag", type=str, help="results name suffix")
     args = parser.parse_args()
     if args.quick:
         args.image_size, args.steps, args.repeats = 32, 10, 2
@@ -148,7 +150,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data_path = str(Path(tmp) / "synthetic.npz")
         np.savez(data_path, image=images, label=labels)
-        for name, (family, model) in models(args.image_size, args.quick).items():
+        chosen = models(args.image_size, args.quick)
+        if args.models:
+            wanted = args.models.split(",")
+            unknown = sorted(set(wanted) - set(chosen))
+            if unknown:
+                parser.error(f"unknown --models {unknown}; accepted: {sorted(chosen)}")
+            chosen = {k: v for k, v in chosen.items() if k in wanted}
+        for name, (family, model) in chosen.items():
             # One untimed window compiles; the next windows of `steps` steps are timed.
             config = experiment(
                 family, model, data_path, args.batch, steps=args.steps * 3, log_every=args.steps
@@ -174,7 +183,7 @@ def main():
         f"{cores} core{'s' if cores != 1 else ''} usable)"
     )
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f".{args.tag}" if args.tag else "")
     (RESULTS / f"train_throughput{suffix}.json").write_text(
         json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=1)
     )
