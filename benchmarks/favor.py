@@ -12,7 +12,7 @@ for exact attention (``jax.nn.dot_product_attention``, bidirectional and causal)
 FAVOR+, flaxlab's chunked causal FAVOR+, and the reference's per-token ``lax.scan`` causal
 formulation (re-implemented here with its custom VJP). All run in one process, interleaved;
 exact attention is skipped where its L^2 score matrix would not fit or take too long (recorded).
-Plot in docs/favor_speed_vs_length.png.
+Plots in docs/favor_error_vs_features{.tag}.png and docs/favor_speed_vs_length{.tag}.png.
 
 Run: ``python benchmarks/favor.py`` (writes benchmarks/results/favor.json and favor.md);
 ``--quick`` for a smoke run on toy sizes; ``--chunk-sweep`` also times chunk sizes at 4k.
@@ -208,6 +208,9 @@ def attention_variants(projection, chunk_size=None):
         "favor_causal": lambda q, k, v: favor.favor_attention(
             q, k, v, projection, causal=True, chunk_size=chunk_size
         ),
+        "favor_causal_batched": lambda q, k, v: favor.favor_attention(
+            q, k, v, projection, causal=True, chunk_size=chunk_size, implementation="batched"
+        ),
         "reference_scan_causal": lambda q, k, v: reference_scan_causal(q, k, v, projection),
     }
 
@@ -307,7 +310,12 @@ def ratio_table(speed_rows):
         base = by.get(("exact_causal", length), {})
         if "forward_backward_s" not in base:
             continue
-        for name in ("favor_causal", "reference_scan_causal", "favor_bidirectional"):
+        for name in (
+            "favor_causal",
+            "favor_causal_batched",
+            "reference_scan_causal",
+            "favor_bidirectional",
+        ):
             r = by.get((name, length), {})
             if "forward_backward_s" in r:
                 ratio = r["forward_backward_s"] / base["forward_backward_s"]
@@ -354,13 +362,18 @@ def write_markdown(path, meta, error_rows, speed_rows, sweep_rows):
     path.write_text("\n".join(out) + "\n")
 
 
-def plot(error_rows, speed_rows, suffix):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     DOCS.mkdir(exist_ok=True)
+    return plt
+
+
+def plot_error(error_rows, suffix):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for logit_std in sorted({r["logit_std"] for r in error_rows}):
         for feature_type, style in (("orthogonal", "-o"), ("iid", "--s")):
@@ -383,6 +396,9 @@ def plot(error_rows, speed_rows, suffix):
     fig.savefig(DOCS / f"favor_error_vs_features{suffix}.png", dpi=120)
     plt.close(fig)
 
+
+def plot_speed(speed_rows, suffix):
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name in sorted({r["method"] for r in speed_rows}):
         rows = [r for r in speed_rows if r["method"] == name and "skipped" not in r]
@@ -419,7 +435,7 @@ def main(argv=None):
         features, stds, err_len, draws = [64, 128, 256, 512, 1024], [0.25, 1.0], 256, 8
         lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
         exact_max, scan_max = 4096, 65536
-        sweep = [32, 64, 128, 256] if args.chunk_sweep else []
+        sweep = [16, 32, 64, 128, 256] if args.chunk_sweep else []
         suffix = ""
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]
@@ -431,6 +447,7 @@ def main(argv=None):
         f"{platform.processor() or platform.machine()}",
         jax=jax.__version__,
         default_chunk_size=favor.DEFAULT_CHUNK_SIZE,
+        default_causal_implementation=favor.default_implementation(),
     )
     error_rows = [] if args.skip_error else error_study(features, stds, err_len, 64, draws)
     speed_rows = []
@@ -446,8 +463,10 @@ def main(argv=None):
     ]
     (RESULTS / f"favor{suffix}.json").write_text(json.dumps(result, indent=2))
     write_markdown(RESULTS / f"favor{suffix}.md", meta, error_rows, speed_rows, sweep_rows)
-    if error_rows and speed_rows:
-        plot(error_rows, speed_rows, suffix)
+    if error_rows:
+        plot_error(error_rows, suffix)
+    if speed_rows:
+        plot_speed(speed_rows, suffix)
     for length, name, ratio in ratio_table(speed_rows):
         print(f"[ratio] L={length} {name}: {ratio:.3f}x exact causal (fwd+bwd)")
 

@@ -138,7 +138,14 @@ def mask():
 
 attend = jax.jit(
     favor.favor_attention,
-    static_argnames=("kernel", "causal", "numerical_stabilizer", "renormalize", "chunk_size"),
+    static_argnames=(
+        "kernel",
+        "causal",
+        "numerical_stabilizer",
+        "renormalize",
+        "chunk_size",
+        "implementation",
+    ),
 )
 
 
@@ -256,19 +263,34 @@ def test_bidirectional_cross_attention_and_mask(qkv, proj, mask):
 # ----------------------------------------------------------------------------- causal
 
 
+IMPLEMENTATIONS = ["scan", "batched"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, None])
-def test_causal_matches_numpy_running_max(qkv, proj, chunk_size):
+def test_causal_matches_numpy_running_max(qkv, proj, chunk_size, implementation):
     q, k, v = qkv
-    got = attend(q, k, v, proj, causal=True, chunk_size=chunk_size)
+    got = attend(q, k, v, proj, causal=True, chunk_size=chunk_size, implementation=implementation)
     np.testing.assert_allclose(got, np_causal_running_max(q, k, v, proj), rtol=1e-4, atol=2e-5)
 
 
-def test_causal_unnormalized_and_masked(qkv, proj, mask):
+def test_default_implementation_by_backend():
+    expected = "scan" if jax.default_backend() == "cpu" else "batched"
+    assert favor.default_implementation() == expected
+    q = jnp.ones((1, 4, 1, 8))
+    w = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match="implementation must be one of .*'fused'"):
+        favor.favor_attention(q, q, q, w, causal=True, implementation="fused")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_causal_unnormalized_and_masked(qkv, proj, mask, implementation):
     q, k, v = qkv
-    got = attend(q, k, v, proj, causal=True, renormalize=False, chunk_size=4)
+    impl = dict(implementation=implementation)
+    got = attend(q, k, v, proj, causal=True, renormalize=False, chunk_size=4, **impl)
     want = np_causal_running_max(q, k, v, proj, renormalize=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    got = attend(q, k, v, proj, causal=True, mask=mask, chunk_size=4)
+    got = attend(q, k, v, proj, causal=True, mask=mask, chunk_size=4, **impl)
     want = np_causal_running_max(q, k, v, proj, mask=np.asarray(mask))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
     assert np.all(np.asarray(got)[1, :3] == 0.0)  # no valid key yet: output 0, not NaN
@@ -296,9 +318,11 @@ def test_strictly_causal(qkv, proj, kernel):
     future = jax.random.normal(jax.random.key(5), (3, B, L - cut, H, D))
     q2, k2, v2 = (jnp.concatenate([x[:, :cut], 3.0 * f], axis=1) for x, f in zip(qkv, future))
     k2 = k2.at[:, -1].set(40.0 * k2[:, -1])  # an outlier last key
-    for chunk_size in (4, None):
-        before = attend(q, k, v, proj, kernel=kernel, causal=True, chunk_size=chunk_size)
-        after = attend(q2, k2, v2, proj, kernel=kernel, causal=True, chunk_size=chunk_size)
+    for chunk_size, implementation in ((4, "scan"), (4, "batched"), (None, None)):
+        options = dict(kernel=kernel, causal=True, chunk_size=chunk_size)
+        options["implementation"] = implementation
+        before = attend(q, k, v, proj, **options)
+        after = attend(q2, k2, v2, proj, **options)
         np.testing.assert_allclose(after[:, :cut], before[:, :cut], rtol=0, atol=1e-6)
     if kernel == "softmax":  # the same perturbation moves the reference's past outputs
         leak = np_causal_reference_style(q2, k2, v2, proj) - np_causal_reference_style(

@@ -20,14 +20,14 @@ def dense_core(q, e, c, v):
     return jnp.einsum("bijh,bjhd->bihd", scores, v), scores.sum(2)
 
 
-def dense_causal_softmax(q, k, v, w, mask):
+def dense_causal_softmax(q, k, v, w, mask, eps=EPS):
     """Causal FAVOR+ with the running-max key stabiliser, all pairs at once (no chunking)."""
     d = q.shape[-1]
     ratio = w.shape[0] ** -0.5
     qs, ks = q * d**-0.25, k * d**-0.25
     q_logits = jnp.einsum("bihd,md->bihm", qs, w)
     q_half = 0.5 * jnp.sum(qs**2, -1, keepdims=True)
-    qf = ratio * (jnp.exp(q_logits - q_half - q_logits.max(-1, keepdims=True)) + EPS)
+    qf = ratio * (jnp.exp(q_logits - q_half - q_logits.max(-1, keepdims=True)) + eps)
     k_logits = jnp.einsum("bjhd,md->bjhm", ks, w)
     k_half = 0.5 * jnp.sum(ks**2, -1)
     keep = mask[:, :, None]
@@ -38,11 +38,11 @@ def dense_causal_softmax(q, k, v, w, mask):
         k_logits[:, None] - k_half[:, None, :, :, None] - running_max[:, :, None, :, None]
     )  # [B, i, j, H, M]
     exponent = jnp.where(allowed[..., None], exponent, -jnp.inf)
-    kf = ratio * (jnp.exp(exponent) + EPS * allowed[..., None])
+    kf = ratio * (jnp.exp(exponent) + eps * allowed[..., None])
     scores = jnp.einsum("bihm,bijhm->bijh", qf, kf)
     num = jnp.einsum("bijh,bjhd->bihd", scores, v)
     den = scores.sum(2)
-    den = den + 2 * EPS * (jnp.abs(den) <= EPS)
+    den = den + 2 * eps * (jnp.abs(den) <= eps)
     return num / den[..., None]
 
 
@@ -91,19 +91,25 @@ def test_core_vjp_matches_dense_autodiff(inputs, chunk_size):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_softmax_causal_grads_match_dense_autodiff(inputs):
+# A large epsilon makes the offsets' (and the query max's) share of the gradient visible: with
+# epsilon 1e-6 it is ~1e-6 of the total and any routing error would pass unnoticed.
+@pytest.mark.parametrize("eps", [EPS, 0.05])
+@pytest.mark.parametrize("implementation", ["scan", "batched"])
+def test_softmax_causal_grads_match_dense_autodiff(inputs, implementation, eps):
     q, k, v, w, mask = inputs
+    k = k.at[:, 6].multiply(3.0)  # a large key: the running max jumps inside a chunk
     probe = jax.random.normal(jax.random.key(3), v.shape)
+    options = dict(causal=True, mask=mask, chunk_size=4, implementation=implementation)
 
-    def chunked(q, k, v):
-        return favor.favor_attention(q, k, v, w, causal=True, mask=mask, chunk_size=4)
+    def chunked(q, k, v, w):
+        return favor.favor_attention(q, k, v, w, numerical_stabilizer=eps, **options)
 
-    def dense(q, k, v):
-        return dense_causal_softmax(q, k, v, w, mask)
+    def dense(q, k, v, w):
+        return dense_causal_softmax(q, k, v, w, mask, eps)
 
-    np.testing.assert_allclose(chunked(q, k, v), dense(q, k, v), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunked(q, k, v, w), dense(q, k, v, w), rtol=1e-4, atol=1e-5)
     for g, want in zip(
-        _loss_grads(chunked, (q, k, v), probe), _loss_grads(dense, (q, k, v), probe)
+        _loss_grads(chunked, (q, k, v, w), probe), _loss_grads(dense, (q, k, v, w), probe)
     ):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, want, rtol=2e-3, atol=2e-5)
@@ -150,10 +156,22 @@ def test_grads_match_finite_differences_in_float64(inputs):
         mask = jnp.asarray(mask)
         assert q.dtype == jnp.float64
 
-        def softmax_causal(q, k, v):
-            return favor.favor_attention(q, k, v, w, causal=True, mask=mask, chunk_size=4)
+        for implementation in ("scan", "batched"):
 
-        _check_directional_derivatives(softmax_causal, (q, k, v), jax.random.key(0))
+            def softmax_causal(q, k, w, v, implementation=implementation):
+                return favor.favor_attention(
+                    q,
+                    k,
+                    v,
+                    w,
+                    causal=True,
+                    mask=mask,
+                    chunk_size=4,
+                    numerical_stabilizer=0.05,
+                    implementation=implementation,
+                )
+
+            _check_directional_derivatives(softmax_causal, (q, k, w, v), jax.random.key(0))
 
         def core(qq, ee, cc, vv):
             return favor.chunked_causal_linear_attention(qq, ee, cc, vv, chunk_size=3)

@@ -28,6 +28,7 @@ from flaxlab.nn.favor_causal import (
     causal_favor,
     chunked_causal_linear_attention,
     default_chunk_size,
+    default_implementation,
     favor_causal_init_state,
     favor_causal_step,
     stabilize_denominator,
@@ -53,6 +54,7 @@ __all__ = [
     "causal_favor",
     "chunked_causal_linear_attention",
     "default_chunk_size",
+    "default_implementation",
     "draw_projection",
     "favor_attention",
     "favor_causal_init_state",
@@ -101,6 +103,7 @@ def favor_attention(
     renormalize: bool = True,
     mask: jax.Array | None = None,
     chunk_size: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""FAVOR+ attention, bidirectional or causal.
 
@@ -129,6 +132,10 @@ def favor_attention(
       mask: optional bool ``[batch, k_length]`` key-padding mask; ``False`` keys get zero
         features (a query with no valid key outputs 0).
       chunk_size: causal chunk length; ``None`` = :func:`default_chunk_size`.
+      implementation: causal softmax only: ``"scan"`` (one chunk's features at a time, small
+        temporaries; the CPU default), ``"batched"`` (all chunks at once in large batched
+        matmuls; the accelerator default) or ``None`` (:func:`default_implementation`). Both
+        compute the same function.
 
     Returns:
       ``[batch, q_length, heads, d_v]`` in ``v``'s dtype (computed in at least float32).
@@ -160,6 +167,7 @@ def favor_attention(
             numerical_stabilizer=numerical_stabilizer,
             mask=mask,
             chunk_size=chunk_size,
+            implementation=implementation,
         )
     else:
         numerator, denominator = _bidirectional(

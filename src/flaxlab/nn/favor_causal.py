@@ -22,6 +22,10 @@ structure (a reverse scan for the state gradient). Memory is ``O(L (M + D + C) +
 in both passes: never ``L x M x D`` (a cumulative sum of outer products) and never ``L x L``.
 The values carry a ones column, so one pass gives numerator and denominator; the ``u`` part is
 a chunked prefix sum of ``[L, D + 1]`` values.
+
+That chunk-batched form suits accelerators. On CPU, :func:`causal_favor` with the softmax kernel
+uses :mod:`flaxlab.nn.favor_scan` instead (``implementation="scan"``): the same function, one
+chunk at a time, so that no ``M``-wide array larger than a chunk is ever materialised.
 """
 
 from __future__ import annotations
@@ -34,15 +38,29 @@ from jax import lax
 
 from flaxlab.nn.favor_features import (
     MASKED_LOG_OFFSET,
+    _check_projection,
     relu_kernel_features,
     softmax_kernel_features,
     softmax_projection_terms,
 )
+from flaxlab.nn.favor_scan import softmax_causal_scan
 
-# Chunk sizes: the intra-chunk work grows as L C (M + D), the chunk states as (L / C) M D. On CPU
-# 128 measured best or within noise of the best at 4k tokens (benchmarks/favor.py --chunk-sweep);
-# GPUs prefer larger matmul tiles and have the bandwidth for the C x C blocks, so 256 there.
-DEFAULT_CHUNK_SIZE = {"cpu": 128, "gpu": 256, "tpu": 256}
+# Chunk sizes: the intra-chunk work grows as L C (M + D), the stored chunk states as (L / C) M D.
+# On CPU (the "scan" implementation) 32-64 measured best at 4k and 16k tokens and 64 stores half
+# the states of 32 (benchmarks/favor.py --chunk-sweep); GPUs prefer larger matmul tiles and have
+# the bandwidth for the C x C blocks, so 256 there.
+DEFAULT_CHUNK_SIZE = {"cpu": 64, "gpu": 256, "tpu": 256}
+
+# How the causal softmax path is computed: "scan" builds one chunk's features at a time
+# (flaxlab.nn.favor_scan; small temporaries, best on CPU), "batched" all chunks at once (large
+# batched matmuls, for accelerators).
+IMPLEMENTATIONS = ("scan", "batched")
+DEFAULT_IMPLEMENTATION = {"cpu": "scan"}
+
+
+def default_implementation() -> str:
+    """Causal softmax implementation used when none is given, by backend."""
+    return DEFAULT_IMPLEMENTATION.get(jax.default_backend(), "batched")
 
 
 def default_chunk_size(length: int) -> int:
@@ -244,6 +262,7 @@ def causal_favor(
     numerical_stabilizer: float,
     mask: jax.Array | None,
     chunk_size: int | None = None,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Causal FAVOR+ numerator ``[B, L, H, D]`` and denominator ``[B, L, H]``, strictly causal.
 
@@ -255,6 +274,11 @@ def causal_favor(
     b, length, h, _ = q.shape
     chunk = _chunk_size(length, chunk_size)
     num_chunks = -(-length // chunk)
+    implementation = default_implementation() if implementation is None else implementation
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
     # Padded positions come after every real one: strict causality keeps them out of the outputs.
     qc, kc, vc = (_pad_to_chunks(x, num_chunks, chunk) for x in (q, k, _with_ones(v)))
     keep = None
@@ -271,6 +295,13 @@ def causal_favor(
         if keep is not None:
             kf = kf * keep[..., None].astype(kf.dtype)
         out = _chunk_core(qf, kf, jnp.zeros(kf.shape[:-1], kf.dtype), vc)
+    elif kernel == "softmax" and implementation == "scan":
+        if projection is None:
+            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+        _check_projection(q, projection)
+        if keep is None:
+            keep = _pad_to_chunks(jnp.ones((b, length, 1), bool), num_chunks, chunk)
+        out = softmax_causal_scan(qc, kc, vc, keep, projection, numerical_stabilizer)
     elif kernel == "softmax":
         if projection is None:
             raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
