@@ -3,7 +3,7 @@
 Trains (unless ``--reuse DIR`` points at existing work directories ``DIR/learned``,
 ``DIR/fixed`` and ``DIR/classifier``) three runs through the estimator, exactly as the CLI does:
 
-* ``flaxlab train vdm-digits --workdir DIR/learned``   (learned scalar schedule)
+* ``flaxlab train vdm-digits --workdir DIR/learned``   (the preset's learned schedule)
 * ``flaxlab train vdm-digits --workdir DIR/fixed --set model.schedule=fixed``
 * ``flaxlab train mixer-digits --workdir DIR/classifier``  (the scoring classifier)
 

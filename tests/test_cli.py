@@ -98,6 +98,7 @@ def test_wrong_image_shape_names_both_shapes(tmp_path):
 
 
 VDM_TINY = [
+    "model.schedule_features=16",
     "model.width=8",
     "model.depth=1",
     "model.groups=4",

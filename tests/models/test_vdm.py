@@ -96,6 +96,7 @@ def test_loss_metrics_and_batch_49(tiny_model, digits):
     total = metrics["bpd_recon"] + metrics["bpd_prior"] + metrics["bpd_diff"]
     np.testing.assert_allclose(float(loss), float(total), rtol=1e-6)
     assert float(metrics["gamma_0"]) == pytest.approx(-13.3)
+    assert float(metrics["schedule_mid"]) == pytest.approx(0.5)  # nu(1/2) of a linear schedule
     again, _ = loss_fn_det(tiny_model, x, jax.random.key(0))
     assert float(again) == float(loss)
     via_rngs, _ = loss_fn_det(tiny_model, x, nnx.Rngs(dropout=0))

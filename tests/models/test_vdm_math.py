@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -263,6 +264,54 @@ def test_monotone_net_stays_monotone_and_pins_endpoints(pin):
         raw_fd = raw_fd * 9.0 / (raw[1] - raw[0])
     got = np.asarray(call_derivative(s, tt.astype(np.float32)))
     np.testing.assert_allclose(got, raw_fd, rtol=2e-3)
+
+
+def test_pinned_net_starts_linear_at_unit_scale():
+    t = np.linspace(0, 1, 101).astype(np.float32)
+    for hidden_init in (0.01, 1.0):
+        s = vdm.MonotoneNetSchedule(-13.3, 5.0, rngs=nnx.Rngs(2), hidden_init=hidden_init)
+        assert float(s.l1.kernel[...][0, 0]) == 1.0 and float(s.l1.bias[...][0]) == 0.0
+        np.testing.assert_allclose(np.asarray(call_schedule(s, t)), -13.3 + 18.3 * t, atol=0.05)
+    # hidden_init sets the spread of the hidden units' slopes
+    wide = vdm.MonotoneNetSchedule(-13.3, 5.0, rngs=nnx.Rngs(2), hidden_init=1.0)
+    assert 0.5 < float(jnp.std(wide.l2.kernel[...])) < 1.5
+    with pytest.raises(ValueError, match="hidden_init must be > 0"):
+        vdm.MonotoneNetSchedule(-13.3, 5.0, rngs=nnx.Rngs(2), hidden_init=0.0)
+
+
+def test_shape_learning_rate_and_clip_mask_touch_only_the_shape_network():
+    from flaxlab.configs import get_preset
+    from flaxlab.train.vdm_task import VDMTask
+
+    config = get_preset(
+        "vdm-digits",
+        [
+            "model.schedule=learned_net",
+            "model.schedule_features=4",
+            "model.schedule_learning_rate=7",
+            "model.width=8",
+            "model.depth=0",
+            "model.groups=4",
+        ],
+    )
+    task = VDMTask(config)
+    model = nnx.eval_shape(lambda: task.init_model(nnx.Rngs(0)))
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), nnx.state(model, nnx.Param))
+    tx = task.wrap_optimizer(optax.sgd(1.0))
+    updates, _ = tx.update(params, tx.init(params), params)
+    clip = task.gradient_clip_mask(params)
+    seen = set()
+    for (path, update), keep in zip(
+        jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(clip)
+    ):
+        names = [str(getattr(k, "key", k)) for k in path]
+        shape_net = "schedule" in names and any(n in ("l1", "l2", "l3") for n in names)
+        seen.add(shape_net)
+        np.testing.assert_allclose(np.asarray(update), -7.0 if shape_net else -1.0)
+        assert keep == (not shape_net), names
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="schedule_learning_rate must be > 0"):
+        vdm.vdm_preset("digits", schedule_learning_rate=0.0)
 
 
 def test_weight_decay_mask_excludes_schedule():

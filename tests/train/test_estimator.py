@@ -225,3 +225,63 @@ def test_tensorboard_events_hold_every_metrics_record(tmp_path):
     assert set(events) == set(expected) and ("train/loss" in {t for _, t in events})
     for key, value in expected.items():
         assert events[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+def test_task_can_keep_parameters_out_of_gradient_clipping(tmp_path):
+    """With a task's ``gradient_clip_mask``, only the masked-in gradients are measured and
+    clipped (VDM keeps its schedule shape's variance gradient out); the rest step unclipped."""
+    from flaxlab.data.factory import make_data
+    from flaxlab.train import sharding
+
+    plain = [
+        "optimizer.name=sgd",
+        "optimizer.momentum=0",
+        "optimizer.weight_decay=0",
+        "optimizer.warmup_steps=0",
+        "optimizer.decay=constant",
+        "optimizer.learning_rate=1.0",
+    ]
+
+    def head_unclipped(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "head" not in jax.tree_util.keystr(path), params
+        )
+
+    deltas, norms = {}, {}
+    for name, clip, mask in (("raw", "none", None), ("masked", "0.001", head_unclipped)):
+        config = get_preset("vit-digits", TINY + plain + [f"optimizer.grad_clip_norm={clip}"])
+        estimator = Estimator(config, tmp_path / name, progress=False)
+        if mask is not None:
+            estimator.task.gradient_clip_mask = mask
+        batches, _ = make_data(config.data)
+        state = estimator.init_state()
+        # The head starts at zero (so would every other gradient): give it weights.
+        state["params"] = jax.tree_util.tree_map_with_path(
+            lambda path, x: (
+                x
+                + ("head" in jax.tree_util.keystr(path))
+                * jax.random.normal(jax.random.key(1), x.shape)
+            ),
+            state["params"],
+        )
+        p0 = jax.tree.map(np.asarray, state["params"])
+        state, metrics = estimator._make_train_step()(
+            state, sharding.shard_batch(batches(0), estimator.mesh)
+        )
+        deltas[name] = jax.tree.map(lambda a, b: np.asarray(a) - b, state["params"], p0)
+        norms[name] = float(metrics["grad_norm"])
+    clipped = head_unclipped(deltas["raw"])
+    leaves = jax.tree_util.tree_leaves_with_path(deltas["raw"])
+    in_norm = np.sqrt(
+        sum(np.sum(np.square(d)) for (_, d), m in zip(leaves, jax.tree.leaves(clipped)) if m)
+    )
+    np.testing.assert_allclose(norms["masked"], in_norm, rtol=1e-3)
+    assert norms["raw"] > norms["masked"]  # the head's gradient is left out of the norm
+    scale = 0.001 / in_norm
+    assert scale < 0.1  # the clipping is active
+    for (path, raw), got, m in zip(
+        leaves, jax.tree.leaves(deltas["masked"]), jax.tree.leaves(clipped)
+    ):
+        want = raw * scale if m else raw
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7, err_msg=str(path))
+    assert not all(jax.tree.leaves(clipped)) and any(jax.tree.leaves(clipped))

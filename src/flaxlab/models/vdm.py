@@ -46,6 +46,7 @@ from flaxlab.models.vdm_schedules import (
     LearnedScalarSchedule,
     MonotoneNetSchedule,
     is_schedule_path,
+    is_shape_path,
     make_schedule,
     weight_decay_mask,
     with_variance_gradient,
@@ -76,6 +77,7 @@ __all__ = [
     "with_variance_gradient",
     "weight_decay_mask",
     "is_schedule_path",
+    "is_shape_path",
     "ScoreUNet",
     "evaluate_bpd",
     "bpd_confidence_interval",
@@ -103,6 +105,11 @@ class VDMConfig:
       schedule_features: hidden width of the ``learned_net`` schedule (1024).
       pin_endpoints: ``learned_net`` only: endpoints as their own parameters (see
         :class:`MonotoneNetSchedule`); False is the reference exactly.
+      schedule_hidden_init: ``learned_net`` only: standard deviation of the hidden layer's
+        initial kernel (0.01 in the reference, where the shape hardly learns in short runs).
+      schedule_learning_rate: ``learned_net`` only: the learning rate of the schedule's shape
+        network as a multiple of the optimizer's (1 in the reference); the endpoints keep the
+        optimizer's.
       variance_gradient: train a schedule's shape on the variance of the diffusion loss
         (paper App. I.2); only acts on schedules with shape parameters, in continuous time.
       timesteps: 0 = continuous time (reference CIFAR-10), else ``T``.
@@ -121,6 +128,8 @@ class VDMConfig:
     gamma_max: float = 5.0
     schedule_features: int = 1024
     pin_endpoints: bool = True
+    schedule_hidden_init: float = 0.01
+    schedule_learning_rate: float = 1.0
     variance_gradient: bool = True
     timesteps: int = 0
     width: int = 128
@@ -144,6 +153,10 @@ class VDMConfig:
             )
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
+        if not self.schedule_learning_rate > 0:
+            raise ValueError(
+                f"schedule_learning_rate must be > 0, got {self.schedule_learning_rate}"
+            )
         if self.timesteps < 0:
             raise ValueError(f"timesteps must be >= 0 (0 = continuous), got {self.timesteps}")
         if self.dtype not in _DTYPES:
@@ -205,7 +218,11 @@ class VDM(nnx.Module):
         self.config = config
         kw = {}
         if config.schedule == "learned_net":
-            kw = dict(features=config.schedule_features, pin_endpoints=config.pin_endpoints)
+            kw = dict(
+                features=config.schedule_features,
+                pin_endpoints=config.pin_endpoints,
+                hidden_init=config.schedule_hidden_init,
+            )
         self.schedule = make_schedule(
             config.schedule, config.gamma_min, config.gamma_max, rngs=rngs, **kw
         )
@@ -321,6 +338,8 @@ class VDM(nnx.Module):
         metrics = bits_per_dim(recon, prior, diff, self.config.num_dims)
         g0, g1 = self.schedule.endpoints()
         metrics["gamma_0"], metrics["gamma_1"] = g0, g1
+        # The shape at mid-time (0.5 for a linear schedule): shows the schedule learning.
+        metrics["schedule_mid"] = self.schedule.shape(jnp.float32(0.5))
         return metrics["bpd"], metrics
 
 

@@ -124,9 +124,14 @@ class MonotoneNetSchedule(_Schedule):
               / n_{\text{features}}
 
     with ``l_1: 1 -> 1`` (kernel ``gamma_max - gamma_min``, bias ``gamma_min``),
-    ``l_2: 1 -> n_features`` (kernel ~ N(0, 0.01^2), bias 0) and ``l_3: n_features -> 1``
-    (kernel ~ N(0, 0.01^2), no bias); every kernel enters as ``|W|``, so ``gamma`` is
-    non-decreasing for any parameters.
+    ``l_2: 1 -> n_features`` (kernel ~ N(0, s^2), bias 0; the reference's ``s = 0.01``) and
+    ``l_3: n_features -> 1`` (kernel ~ N(0, 0.01^2), no bias); every kernel enters as ``|W|``,
+    so ``gamma`` is non-decreasing for any parameters.
+
+    With the reference's ``s = 0.01`` the hidden units sit at ``sigmoid(~0)`` and the shape's
+    gradients are ~1e-8 (below Adam's epsilon), so the shape barely moves in a short run;
+    ``hidden_init=1`` spreads the units' slopes while the initial shape stays linear to
+    ~1e-3 (``l_3`` is still small).
 
     With ``pin_endpoints=True`` (default) the endpoints are separate parameters
     ``gamma_0 = b`` and ``gamma_1 = b + |w|`` (initialised to ``gamma_min``/``gamma_max``) and the
@@ -136,14 +141,17 @@ class MonotoneNetSchedule(_Schedule):
               \frac{\hat\gamma(t) - \hat\gamma(0)}{\hat\gamma(1) - \hat\gamma(0)}
 
     This keeps ``gamma(0)``/``gamma(1)`` where the VLB puts them and lets the shape be trained on
-    the variance of the loss (:func:`with_variance_gradient`). ``pin_endpoints=False`` is the
-    reference exactly (``gamma = gamma_hat``, endpoints drift with every parameter).
+    the variance of the loss (:func:`with_variance_gradient`); ``l_1`` then starts at unit
+    scale (kernel 1, bias 0), since the network's range is divided out.
+    ``pin_endpoints=False`` is the reference exactly (``gamma = gamma_hat``, endpoints drift
+    with every parameter).
 
     Args:
       gamma_min, gamma_max: initial endpoints.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
       features: hidden width (1024 in the reference).
       pin_endpoints: see above.
+      hidden_init: standard deviation ``s`` of ``l_2``'s initial kernel (0.01 in the reference).
     """
 
     def __init__(
@@ -154,17 +162,26 @@ class MonotoneNetSchedule(_Schedule):
         rngs: nnx.Rngs,
         features: int = 1024,
         pin_endpoints: bool = True,
+        hidden_init: float = 0.01,
     ):
         _check_range(gamma_min, gamma_max)
         if features < 1:
             raise ValueError(f"features must be >= 1, got {features}")
+        if not hidden_init > 0:
+            raise ValueError(f"hidden_init must be > 0, got {hidden_init}")
         self.features = features
         self.pin_endpoints = pin_endpoints
         self.has_shape_params = pin_endpoints
         scale = gamma_max - gamma_min
         normal = jax.random.normal
-        self.l1 = MonotoneDense(jnp.full((1, 1), scale), jnp.full((1,), gamma_min))
-        self.l2 = MonotoneDense(0.01 * normal(rngs.params(), (1, features)), jnp.zeros(features))
+        # Pinned, the network's own range is divided out of the shape, so l_1 starts at unit
+        # scale: then Adam's steps (~ the learning rate) are a real fraction of the shape's
+        # scale instead of 1/18 of it.
+        l1_kernel, l1_bias = (1.0, 0.0) if pin_endpoints else (scale, gamma_min)
+        self.l1 = MonotoneDense(jnp.full((1, 1), l1_kernel), jnp.full((1,), l1_bias))
+        self.l2 = MonotoneDense(
+            hidden_init * normal(rngs.params(), (1, features)), jnp.zeros(features)
+        )
         self.l3 = MonotoneDense(0.01 * normal(rngs.params(), (features, 1)))
         if pin_endpoints:
             self.w = nnx.Param(jnp.full((1,), scale, jnp.float32))
@@ -282,6 +299,12 @@ def is_schedule_path(path) -> bool:
         if name == "schedule":
             return True
     return False
+
+
+def is_shape_path(path) -> bool:
+    """Whether a parameter path belongs to a schedule's shape network (``l1``/``l2``/``l3``)."""
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    return "schedule" in names and any(n in ("l1", "l2", "l3") for n in names)
 
 
 def weight_decay_mask(params) -> Any:

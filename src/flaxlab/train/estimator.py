@@ -96,6 +96,8 @@ class Estimator:
             abstract_params,
             decay_mask=getattr(self.task, "weight_decay_mask", None),
         )
+        if hasattr(self.task, "wrap_optimizer"):  # e.g. per-group learning rates
+            self.tx = self.task.wrap_optimizer(self.tx)
         self._train_step = None
         self._model_steps: dict[str, Any] = {}
 
@@ -168,6 +170,11 @@ class Estimator:
         base_key = jax.random.key(self.config.train.seed)
         schedule = self.schedule
         clip_norm = self.config.optimizer.grad_clip_norm
+        # A task may keep some gradients out of the global-norm clipping (VDM: the schedule
+        # shape's variance gradient, on another objective and scale than the loss).
+        clip_mask = None
+        if hasattr(task, "gradient_clip_mask"):
+            clip_mask = task.gradient_clip_mask(self._abstract[0])
 
         def loss_fn(model, batch, key):
             rngs = nnx.Rngs(
@@ -208,10 +215,19 @@ class Estimator:
                 )
                 grads = jax.tree.map(lambda g: g / accum, grads)
                 metrics = jax.tree.map(lambda m: m.mean(0), per_micro)
-            grad_norm = _global_norm(grads)
+            if clip_mask is None:
+                grad_norm = _global_norm(grads)
+            else:  # only the masked parameters' gradients are measured and clipped
+                grad_norm = _global_norm(
+                    jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, clip_mask)
+                )
             if clip_norm is not None:
                 scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-30))
-                grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+                grads = jax.tree.map(
+                    lambda g, m: (g * scale).astype(g.dtype) if m else g,
+                    grads,
+                    clip_mask if clip_mask is not None else jax.tree.map(lambda _: True, grads),
+                )
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)
             new_state = {"params": params, "rest": rest, "opt_state": opt_state, "step": step + 1}

@@ -8,11 +8,13 @@ image, with its 95% confidence interval (``bpd_ci95``), not a single stochastic 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from flaxlab.models.vdm import (
@@ -20,6 +22,7 @@ from flaxlab.models.vdm import (
     bpd_confidence_interval,
     evaluate_bpd,
     image_grid,
+    is_shape_path,
     sample,
     weight_decay_mask,
 )
@@ -44,6 +47,21 @@ class VDMTask:
     def weight_decay_mask(self, params):
         """Weight decay everywhere but the noise schedule (a fix of the reference)."""
         return weight_decay_mask(params)
+
+    def wrap_optimizer(self, tx):
+        """Scales the updates of the schedule's shape network by
+        ``model.schedule_learning_rate``."""
+        multiplier = self.config.model.schedule_learning_rate
+        if multiplier == 1.0:
+            return tx
+        shape_only = partial(jax.tree_util.tree_map_with_path, lambda path, _: is_shape_path(path))
+        return optax.chain(tx, optax.masked(optax.scale(multiplier), shape_only))
+
+    def gradient_clip_mask(self, params):
+        """Global-norm clipping applies to everything but the schedule's shape network: its
+        variance gradient is on another objective (the loss estimate's second moment) and
+        scale, and would otherwise throttle the score network's steps."""
+        return jax.tree_util.tree_map_with_path(lambda path, _: not is_shape_path(path), params)
 
     def _labels(self, batch):
         return batch["label"] if self.config.model.num_classes else None
