@@ -274,6 +274,14 @@ def test_causal_matches_numpy_running_max(qkv, proj, chunk_size, implementation)
     np.testing.assert_allclose(got, np_causal_running_max(q, k, v, proj), rtol=1e-4, atol=2e-5)
 
 
+def test_scan_chunk_size_keeps_one_chunk_of_features_small():
+    assert favor.scan_chunk_size(4096, 8, 256) == 64  # batch 1, 8 heads, M = 256
+    assert favor.scan_chunk_size(128, 32 * 4, 64) == 16  # the Performer LM preset's attention
+    assert favor.scan_chunk_size(4096, 16, 256) == 32
+    assert favor.scan_chunk_size(4096, 4096, 256) == 16  # never below 16
+    assert favor.scan_chunk_size(10, 1, 8) == 10  # capped at the length
+
+
 def test_default_implementation_by_backend():
     expected = "scan" if jax.default_backend() == "cpu" else "batched"
     assert favor.default_implementation() == expected

@@ -31,6 +31,7 @@ from flaxlab.nn.favor_causal import (
     default_implementation,
     favor_causal_init_state,
     favor_causal_step,
+    scan_chunk_size,
     stabilize_denominator,
 )
 from flaxlab.nn.favor_features import (
@@ -55,6 +56,7 @@ __all__ = [
     "chunked_causal_linear_attention",
     "default_chunk_size",
     "default_implementation",
+    "scan_chunk_size",
     "draw_projection",
     "favor_attention",
     "favor_causal_init_state",
@@ -131,7 +133,8 @@ def favor_attention(
       renormalize: divide by the denominator (``False`` returns the raw numerator).
       mask: optional bool ``[batch, k_length]`` key-padding mask; ``False`` keys get zero
         features (a query with no valid key outputs 0).
-      chunk_size: causal chunk length; ``None`` = :func:`default_chunk_size`.
+      chunk_size: causal chunk length; ``None`` = :func:`scan_chunk_size` for the softmax scan
+        form, else :func:`default_chunk_size`.
       implementation: causal softmax only: ``"scan"`` (one chunk's features at a time, small
         temporaries; the CPU default), ``"batched"`` (all chunks at once in large batched
         matmuls; the accelerator default) or ``None`` (:func:`default_implementation`). Both
