@@ -141,7 +141,8 @@ def test_variance_gradient_in_model(digits):
     with_var.score = _ToyScore(nnx.Rngs(4))
     for layer in (with_var.schedule.l2, with_var.schedule.l3):  # a non-linear shape
         layer.kernel[...] = 30.0 * layer.kernel[...]
-    with_var.schedule.l2.bias[...] = jnp.linspace(-3.0, 3.0, 8)
+    with_var.schedule.l2.bias[...] = jnp.linspace(-1.0, 5.0, 8)  # asymmetric about t = 1/2
+    with_var.schedule.l1.kernel[...] = jnp.full((1, 1), 0.05)  # the linear part small
     plain = nnx.eval_shape(lambda: vdm.VDM(cfg, rngs=nnx.Rngs(3)))
     plain.config = dataclasses.replace(cfg, variance_gradient=False)
     plain.schedule = vdm.MonotoneNetSchedule(-13.3, 5.0, rngs=nnx.Rngs(3), features=8)
@@ -172,6 +173,12 @@ def test_variance_gradient_in_model(digits):
         (second_moment,) = pullback(2 * s * s * diff / n)  # grad of mean((s L)^2)
         return vlb, second_moment
 
+    # The logged shape at mid-time is this schedule's, not the linear 0.5.
+    metrics = nnx.jit(lambda m: m.loss(x, None, key, deterministic=True)[1])(with_var)
+    raw = np.asarray(with_var.schedule.raw(jnp.array([0.0, 0.5, 1.0])), np.float64)
+    want_mid = (raw[1] - raw[0]) / (raw[2] - raw[0])
+    assert abs(want_mid - 0.5) > 0.02
+    np.testing.assert_allclose(float(metrics["schedule_mid"]), want_mid, rtol=1e-4)
     f_var, params = per_example_fn(with_var)
     f_plain, _ = per_example_fn(plain)
     g_var = variance_grads(params)

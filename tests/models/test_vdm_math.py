@@ -279,27 +279,30 @@ def test_pinned_net_starts_linear_at_unit_scale():
         vdm.MonotoneNetSchedule(-13.3, 5.0, rngs=nnx.Rngs(2), hidden_init=0.0)
 
 
-def test_shape_learning_rate_and_clip_mask_touch_only_the_shape_network():
+def test_shape_learning_rate_and_clip_mask_touch_only_the_shape_network(tmp_path):
     from flaxlab.configs import get_preset
+    from flaxlab.train import Estimator
     from flaxlab.train.vdm_task import VDMTask
 
-    config = get_preset(
-        "vdm-digits",
-        [
-            "model.schedule=learned_net",
-            "model.schedule_features=4",
-            "model.schedule_learning_rate=7",
-            "model.width=8",
-            "model.depth=0",
-            "model.groups=4",
-        ],
-    )
-    task = VDMTask(config)
-    model = nnx.eval_shape(lambda: task.init_model(nnx.Rngs(0)))
-    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), nnx.state(model, nnx.Param))
-    tx = task.wrap_optimizer(optax.sgd(1.0))
-    updates, _ = tx.update(params, tx.init(params), params)
-    clip = task.gradient_clip_mask(params)
+    tiny = [
+        "model.schedule=learned_net",
+        "model.schedule_features=4",
+        "model.schedule_learning_rate=7",
+        "model.width=8",
+        "model.depth=0",
+        "model.groups=4",
+        "optimizer.name=sgd",
+        "optimizer.momentum=0",
+        "optimizer.weight_decay=0",
+        "optimizer.warmup_steps=0",
+        "optimizer.decay=constant",
+        "optimizer.learning_rate=1",
+    ]
+    config = get_preset("vdm-digits", tiny)
+    estimator = Estimator(config, tmp_path / "run", progress=False)  # the optimizer it trains with
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), estimator._abstract[0])
+    updates, _ = estimator.tx.update(params, estimator.tx.init(params), params)
+    clip = VDMTask(config).gradient_clip_mask(params)
     seen = set()
     for (path, update), keep in zip(
         jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(clip)
@@ -310,6 +313,14 @@ def test_shape_learning_rate_and_clip_mask_touch_only_the_shape_network():
         np.testing.assert_allclose(np.asarray(update), -7.0 if shape_net else -1.0)
         assert keep == (not shape_net), names
     assert seen == {True, False}
+    # Where the shape gets the plain loss gradient (discrete time, no variance gradient) it is
+    # clipped with the rest; unpinned, the net also holds the endpoints: no multiplier either.
+    for extra in (["model.timesteps=10"], ["model.variance_gradient=false"]):
+        assert VDMTask(get_preset("vdm-digits", tiny + extra)).gradient_clip_mask(params) is None
+    unpinned = VDMTask(get_preset("vdm-digits", tiny + ["model.pin_endpoints=false"]))
+    assert unpinned.gradient_clip_mask(params) is None
+    tx = optax.sgd(1.0)
+    assert unpinned.wrap_optimizer(tx) is tx
     with pytest.raises(ValueError, match="schedule_learning_rate must be > 0"):
         vdm.vdm_preset("digits", schedule_learning_rate=0.0)
 

@@ -179,3 +179,43 @@ def test_grads_match_finite_differences_in_float64(inputs):
         c = jnp.cumsum(jnp.abs(q[..., 0]), axis=1)
         args = (jnp.abs(q), jnp.abs(k), c, v)
         _check_directional_derivatives(core, args, jax.random.key(1))
+
+
+def test_query_max_ties_share_the_gradient_like_jnp_max(inputs):
+    """A zero query ties every feature at the max: both implementations split its gradient
+    among the tied features (unnormalised output, where that gradient does not cancel)."""
+    q, k, v, w, mask = inputs
+    q = q.at[0, 3].set(0.0)
+    probe = jax.random.normal(jax.random.key(9), v.shape)
+    grads = {}
+    for implementation in ("scan", "batched"):
+
+        def attend(q, k, v, implementation=implementation):
+            return favor.favor_attention(
+                q,
+                k,
+                v,
+                w,
+                causal=True,
+                renormalize=False,
+                chunk_size=4,
+                numerical_stabilizer=0.05,
+                implementation=implementation,
+            )
+
+        grads[implementation] = _loss_grads(attend, (q, k, v), probe)
+    for got, want in zip(grads["scan"], grads["batched"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_scan_needs_a_python_stabilizer(inputs):
+    q, k, v, w, _ = inputs
+
+    def attend(eps, implementation):
+        return favor.favor_attention(
+            q, k, v, w, causal=True, numerical_stabilizer=eps, implementation=implementation
+        )
+
+    assert jax.jit(attend, static_argnums=1)(0.1, "batched").shape == v.shape
+    with pytest.raises(ValueError, match="numerical_stabilizer as a Python number"):
+        jax.jit(attend, static_argnums=1)(0.1, "scan")

@@ -285,3 +285,25 @@ def test_task_can_keep_parameters_out_of_gradient_clipping(tmp_path):
         want = raw * scale if m else raw
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7, err_msg=str(path))
     assert not all(jax.tree.leaves(clipped)) and any(jax.tree.leaves(clipped))
+
+
+def test_run_saved_before_a_model_field_existed_still_matches(tmp_path):
+    """A config.json from an older version lacks fields added since: they take their defaults
+    (so the run resumes), and a missing field whose value here is not the default is refused."""
+    import dataclasses
+
+    config = get_preset("vit-digits", TINY)
+    Estimator(config, tmp_path, progress=False)._prepare_workdir()
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(type(config.model))}
+    same = next(k for k, v in saved["model"].items() if defaults.get(k) == v)
+    del saved["model"][same]
+    path.write_text(json.dumps(saved))
+    Estimator(config, tmp_path, progress=False)._prepare_workdir()  # no error
+    assert same in json.loads(path.read_text())["model"]  # rewritten with the field
+    saved = json.loads(path.read_text())
+    del saved["model"]["hidden_size"]  # 16 here, not the default
+    path.write_text(json.dumps(saved))
+    with pytest.raises(WorkdirMismatchError, match="model.hidden_size"):
+        Estimator(config, tmp_path, progress=False)._prepare_workdir()

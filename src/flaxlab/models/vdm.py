@@ -107,9 +107,9 @@ class VDMConfig:
         :class:`MonotoneNetSchedule`); False is the reference exactly.
       schedule_hidden_init: ``learned_net`` only: standard deviation of the hidden layer's
         initial kernel (0.01 in the reference, where the shape hardly learns in short runs).
-      schedule_learning_rate: ``learned_net`` only: the learning rate of the schedule's shape
-        network as a multiple of the optimizer's (1 in the reference); the endpoints keep the
-        optimizer's.
+      schedule_learning_rate: ``learned_net`` with pinned endpoints only: the learning rate of
+        the schedule's shape network as a multiple of the optimizer's (1 in the reference); the
+        endpoints keep the optimizer's.
       variance_gradient: train a schedule's shape on the variance of the diffusion loss
         (paper App. I.2); only acts on schedules with shape parameters, in continuous time.
       timesteps: 0 = continuous time (reference CIFAR-10), else ``T``.

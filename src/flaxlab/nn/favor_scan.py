@@ -70,7 +70,7 @@ def _forward(q, k, v, keep, projection, eps):
     ratio2 = 1.0 / m
 
     def step(carry, xs):
-        state, c_prev, arg_prev, value_sum = carry
+        state, c_prev, (position_prev, feature_prev), value_sum = carry
         qn, kn, vn, keepn, index = xs
         keepn = jnp.broadcast_to(keepn, (b, h, c))
         _, _, _, _, qf = _query_features(qn, projection, eps)
@@ -85,10 +85,13 @@ def _forward(q, k, v, keep, projection, eps):
         record = jnp.where(key_max > earlier, jnp.arange(c), -1)
         holder = lax.cummax(record, axis=2)
         feature = jnp.take_along_axis(jnp.argmax(logits, axis=-1), jnp.maximum(holder, 0), axis=-1)
-        flat = ((index * c + holder) * m + feature).astype(jnp.int32)
         beats = running > c_prev[..., None]
         offsets = jnp.where(beats, running, c_prev[..., None])
-        arg = jnp.where(beats, flat, arg_prev[..., None])
+        # Where the max was set: (position in the sequence, feature), -1 before any key.
+        arg = (
+            jnp.where(beats, index * c + holder, position_prev[..., None]).astype(jnp.int32),
+            jnp.where(beats, feature, feature_prev[..., None]).astype(jnp.int32),
+        )
         ke = _key_features(logits, half, offsets, keepn)
         weights = jnp.einsum("bhim,bhjm->bhij", qf, ke) * _decay(offsets, lower)
         from_start = jnp.exp(c_prev[..., None] - offsets)[..., None]
@@ -101,13 +104,13 @@ def _forward(q, k, v, keep, projection, eps):
         kept = vn * keepn[..., None].astype(vn.dtype)
         prefix = value_sum[..., None, :] + jnp.cumsum(kept, axis=2)
         out = ratio2 * (core + eps * jnp.sum(qf, axis=-1, keepdims=True) * prefix)
-        carry = (new_state, end, arg[..., -1], value_sum + jnp.sum(kept, axis=2))
+        carry = (new_state, end, (arg[0][..., -1], arg[1][..., -1]), value_sum + jnp.sum(kept, 2))
         return carry, (out, core, state, c_prev, value_sum, offsets, arg)
 
     init = (
         jnp.zeros((b, h, m, width), q.dtype),
         jnp.full((b, h), MASKED_LOG_OFFSET, q.dtype),
-        jnp.full((b, h), -1, jnp.int32),
+        (jnp.full((b, h), -1, jnp.int32), jnp.full((b, h), -1, jnp.int32)),
         jnp.zeros((b, h, width), q.dtype),
     )
     _, (out, core, states, starts, value_sums, offsets, args) = lax.scan(
@@ -167,7 +170,10 @@ def _softmax_scan_bwd(eps, residuals, d_out):
         # features
         d_ql = d_qf * q_exp
         q_total = jnp.sum(d_ql, axis=-1, keepdims=True)
-        d_ql = d_ql - jnp.where(q_logits == q_top, q_total, 0.0)
+        # the max's gradient, shared among tied features (as jnp.max's own)
+        at_top = q_logits == q_top
+        ties = jnp.sum(at_top, axis=-1, keepdims=True).astype(d_ql.dtype)
+        d_ql = d_ql - jnp.where(at_top, q_total / ties, 0.0)
         dq = scale * (jnp.einsum("bhcm,md->bhcd", d_ql, projection) - q_scaled * q_total)
         d_kl = d_ke * ke
         k_total = jnp.sum(d_kl, axis=-1, keepdims=True)
@@ -186,9 +192,9 @@ def _softmax_scan_bwd(eps, residuals, d_out):
     # Offsets: out = core e^{sg(c) - c} / M + ..., so dc_i = -<dy_i, core_i> / M, which reaches
     # the key logit (position, feature) that set the running max c_i.
     d_offsets = -jnp.sum(d_out * core, axis=-1)
-    valid = args >= 0
-    d_offsets = jnp.where(valid, d_offsets, 0.0)
-    position, feature = jnp.maximum(args, 0) // m, jnp.maximum(args, 0) % m
+    position, feature = args
+    d_offsets = jnp.where(position >= 0, d_offsets, 0.0)
+    position, feature = jnp.maximum(position, 0), jnp.maximum(feature, 0)
     k_flat = jnp.moveaxis(k, (0, 3), (2, 3)).reshape(b, h, n * c, dim)  # [B, H, N C, d]
     position = jnp.moveaxis(position, 0, 2).reshape(b, h, n * c)
     feature = jnp.moveaxis(feature, 0, 2).reshape(b, h, n * c)
@@ -224,4 +230,10 @@ def softmax_causal_scan(q, k, v, keep, projection, numerical_stabilizer):
     Returns:
       ``[N, B, H, C, D + 1]``: numerator columns and the denominator.
     """
+    if isinstance(numerical_stabilizer, jax.core.Tracer):
+        raise ValueError(
+            "the scan implementation of causal FAVOR+ needs numerical_stabilizer as a Python "
+            "number (it is a static argument of its custom VJP), got a traced value; pass a "
+            "float, or use implementation='batched'"
+        )
     return _softmax_scan(q, k, v, keep, projection, float(numerical_stabilizer))

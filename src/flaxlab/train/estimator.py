@@ -172,7 +172,7 @@ class Estimator:
         clip_norm = self.config.optimizer.grad_clip_norm
         # A task may keep some gradients out of the global-norm clipping (VDM: the schedule
         # shape's variance gradient, on another objective and scale than the loss).
-        clip_mask = None
+        clip_mask = None  # a pytree of bools like the parameters, or None: clip everything
         if hasattr(task, "gradient_clip_mask"):
             clip_mask = task.gradient_clip_mask(self._abstract[0])
 
@@ -285,7 +285,10 @@ class Estimator:
                     f"{config_path} is not readable JSON ({error}); not touching {self.workdir}"
                 ) from None
             mine = _identity(self.config)
-            theirs = {k: existing.get(k) for k in mine}
+            try:  # through the dataclasses: fields added since that run take their defaults
+                theirs = _identity(from_dict(existing))
+            except Exception:  # noqa: BLE001 - not a config of this version: compare as stored
+                theirs = {k: existing.get(k) for k in mine}
             if mine != theirs:
                 diff = _first_difference(theirs, mine)
                 raise WorkdirMismatchError(
