@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from flaxlab.configs import get_preset
 from flaxlab.train import (
@@ -307,3 +308,14 @@ def test_run_saved_before_a_model_field_existed_still_matches(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(WorkdirMismatchError, match="model.hidden_size"):
         Estimator(config, tmp_path, progress=False)._prepare_workdir()
+
+
+def test_the_model_restores_whatever_the_optimizer_state_layout(trained):
+    """Evaluation, prediction and sampling read only the model items: a run restores under an
+    optimizer whose state is laid out differently (here SGD for a run trained with AdamW)."""
+    workdir = trained[0]
+    config = get_preset("vit-digits", TINY)
+    sgd = get_preset("vit-digits", TINY + ["optimizer.name=sgd"])
+    want = nnx.state(Estimator(config, workdir, progress=False).restore_model(), nnx.Param)
+    got = nnx.state(Estimator(sgd, workdir, progress=False).restore_model(), nnx.Param)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

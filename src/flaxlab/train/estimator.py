@@ -53,6 +53,11 @@ def load_config(workdir: str | Path) -> ExperimentConfig:
     return from_dict(json.loads(path.read_text()))
 
 
+# Checkpoint items that hold the model (parameters, EMA, non-trainable state): all that
+# evaluation, prediction and sampling read.
+MODEL_ITEMS = ("params", "extra")
+
+
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
     d = to_dict(config)
     return {"family": d["family"], "task": d["task"], "model": d["model"]}
@@ -471,7 +476,8 @@ class Estimator:
         """``(step, state)`` of this work directory's checkpoint (``None``: newest readable)."""
         checkpointer = self._checkpointer()
         try:
-            found, state = self._restore(checkpointer, step)
+            # The model only: evaluation does not depend on how the optimizer state is laid out.
+            found, state = self._restore(checkpointer, step, MODEL_ITEMS)
         finally:
             checkpointer.close()
         if state is None:
@@ -508,7 +514,7 @@ class Estimator:
             for step in new:
                 checkpointer = Checkpointer(directory, read_only=True)
                 try:
-                    _, state = self._restore(checkpointer, step)
+                    _, state = self._restore(checkpointer, step, MODEL_ITEMS)
                 except CheckpointError as error:
                     log.warning("%s; skipped", error)
                     done.add(step)
