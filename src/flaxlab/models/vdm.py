@@ -170,6 +170,16 @@ class VDMConfig:
     def num_dims(self) -> int:
         return math.prod(self.image_shape)
 
+    @property
+    def has_shape_network(self) -> bool:
+        """The schedule has a shape network of its own (``learned_net`` with pinned endpoints)."""
+        return self.schedule == "learned_net" and self.pin_endpoints
+
+    @property
+    def shape_on_variance(self) -> bool:
+        """The shape network is trained on the loss variance (continuous time only)."""
+        return self.has_shape_network and self.variance_gradient and self.timesteps == 0
+
 
 VDM_PRESETS: dict[str, VDMConfig] = {
     # google-research/vdm configs/cifar10.py: 32 blocks of 128 channels, Fourier features,
@@ -294,10 +304,7 @@ class VDM(nnx.Module):
             sigma = jnp.sqrt(jax.nn.sigmoid(gamma_t))[:, None, None, None]
             return net(alpha * f + sigma * eps, gamma_t, labels, dropout_key=dropout_key)
 
-        use_variance = (
-            cfg.variance_gradient and cfg.timesteps == 0 and self.schedule.has_shape_params
-        )
-        if use_variance:
+        if cfg.shape_on_variance:
             graphdef, net_state = nnx.split(self.score)
             nu, dnu = jax.jvp(self.schedule.shape, (t,), (jnp.ones_like(t),))
 

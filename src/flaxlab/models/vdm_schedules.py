@@ -292,18 +292,19 @@ def _variance_gradient_bwd(per_example_loss, residuals, cotangent):
 _variance_gradient.defvjp(_variance_gradient_fwd, _variance_gradient_bwd)
 
 
+def _path_names(path) -> list[str]:
+    """The names along a parameter path (tuple of pytree keys or strings)."""
+    return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+
+
 def is_schedule_path(path) -> bool:
     """Whether a parameter path (tuple of keys or strings) belongs to a noise schedule."""
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", key))
-        if name == "schedule":
-            return True
-    return False
+    return "schedule" in _path_names(path)
 
 
 def is_shape_path(path) -> bool:
     """Whether a parameter path belongs to a schedule's shape network (``l1``/``l2``/``l3``)."""
-    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    names = _path_names(path)
     return "schedule" in names and any(n in ("l1", "l2", "l3") for n in names)
 
 

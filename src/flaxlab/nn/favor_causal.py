@@ -43,7 +43,7 @@ from flaxlab.nn.favor_features import (
     softmax_kernel_features,
     softmax_projection_terms,
 )
-from flaxlab.nn.favor_scan import softmax_causal_scan
+from flaxlab.nn.favor_scan import intra_chunk_decay, softmax_causal_scan
 
 # Chunk sizes: the intra-chunk work grows as L C (M + D), the stored chunk states as (L / C) M D.
 # On CPU (the "scan" implementation) 32-64 measured best at 4k and 16k tokens and 64 stores half
@@ -100,14 +100,6 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return x.reshape((b, n * c, h) + x.shape[4:])
 
 
-def _intra_chunk_decay(offsets: jax.Array) -> jax.Array:
-    """exp(c_j - c_i) for j <= i inside a chunk, 0 above the diagonal. [..., C] -> [..., C, C]."""
-    chunk = offsets.shape[-1]
-    lower = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
-    exponent = offsets[..., None, :] - offsets[..., :, None]
-    return jnp.exp(jnp.where(lower, exponent, -jnp.inf))
-
-
 def _chunk_offsets(c):
     """Offsets of the state entering each chunk (the last offset of the chunk before; the first
     chunk's own first offset, its state being zero) and of the state leaving it."""
@@ -136,7 +128,7 @@ def _forward_chunks(q, e, c, v):
         return scale * state + local, state
 
     _, kv = lax.scan(advance, jnp.zeros_like(local_kv[0]), (carry_scale, local_kv))
-    weights = jnp.einsum("nbhim,nbhjm->nbhij", q, e) * _intra_chunk_decay(c)
+    weights = jnp.einsum("nbhim,nbhjm->nbhij", q, e) * intra_chunk_decay(c)
     out = jnp.einsum("nbhij,nbhjd->nbhid", weights, v)
     out += from_start * jnp.einsum("nbhim,nbhmd->nbhid", q, kv)
     return out, (kv, weights)
@@ -158,7 +150,7 @@ def _backward_chunks(q, e, c, v, kv, weights, d_out):
     _, grad_kv = lax.scan(
         retreat, jnp.zeros_like(local_grad[0]), (carry_scale, local_grad), reverse=True
     )
-    d_weights = jnp.einsum("nbhid,nbhjd->nbhij", d_out, v) * _intra_chunk_decay(c)
+    d_weights = jnp.einsum("nbhid,nbhjd->nbhij", d_out, v) * intra_chunk_decay(c)
     dq = jnp.einsum("nbhij,nbhjm->nbhim", d_weights, e)
     dq += from_start * jnp.einsum("nbhid,nbhmd->nbhim", d_out, kv)
     de = jnp.einsum("nbhij,nbhim->nbhjm", d_weights, q)
@@ -289,14 +281,19 @@ def causal_favor(
     rearranged back.
     """
     b, length, h, _ = q.shape
+    if kernel not in ("softmax", "relu"):
+        raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    if kernel == "softmax":
+        if projection is None:
+            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+        _check_projection(q, projection)
     implementation = default_implementation() if implementation is None else implementation
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
     if chunk_size is None and kernel == "softmax" and implementation == "scan":
-        num_features = projection.shape[0] if projection is not None else 1
-        chunk_size = scan_chunk_size(length, b * h, num_features)
+        chunk_size = scan_chunk_size(length, b * h, projection.shape[0])
     chunk = _chunk_size(length, chunk_size)
     num_chunks = -(-length // chunk)
     # Padded positions come after every real one: strict causality keeps them out of the outputs.
@@ -315,16 +312,11 @@ def causal_favor(
         if keep is not None:
             kf = kf * keep[..., None].astype(kf.dtype)
         out = _chunk_core(qf, kf, jnp.zeros(kf.shape[:-1], kf.dtype), vc)
-    elif kernel == "softmax" and implementation == "scan":
-        if projection is None:
-            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
-        _check_projection(q, projection)
+    elif implementation == "scan":
         if keep is None:
             keep = _pad_to_chunks(jnp.ones((b, length, 1), bool), num_chunks, chunk)
         out = softmax_causal_scan(qc, kc, vc, keep, projection, numerical_stabilizer)
-    elif kernel == "softmax":
-        if projection is None:
-            raise ValueError("kernel='softmax' needs a projection matrix [num_features, head_dim]")
+    else:
         # The features' 1/sqrt(M) ratio multiplies the numerator and denominator by ratio^2: it
         # is applied once to the (D + 1)-wide result instead of to every M-wide feature array.
         logits, half_sq_norm, ratio = softmax_projection_terms(qc, projection)
@@ -352,8 +344,6 @@ def causal_favor(
             eps_values = eps_values * keep[..., None].astype(vc.dtype)
         out += jnp.sum(qf, axis=-1, keepdims=True) * _chunk_prefix_sum(eps_values)
         out *= ratio**2
-    else:
-        raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
     out = _from_chunks(out)[:, :length]
     return out[..., :-1], out[..., -1]
 

@@ -30,24 +30,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flaxlab.nn.favor_features import MASKED_LOG_OFFSET
+from flaxlab.nn.favor_features import MASKED_LOG_OFFSET, softmax_projection_terms
+
+
+def _projection_terms(x, projection):
+    """``(x_s, x_s W^T, |x_s|^2 / 2)`` with ``x_s = d^{-1/4} x`` (the scaled input is kept for
+    the backward pass)."""
+    logits, half, _ = softmax_projection_terms(x, projection)
+    return x * (x.shape[-1] ** -0.25), logits, half
 
 
 def _query_features(q, projection, eps):
-    """Scaled query, its features ``e^{l - |q_s|^2/2 - max l} + eps`` and ``e^{...}`` alone."""
-    scaled = q * (q.shape[-1] ** -0.25)
-    logits = jnp.einsum("bhcd,md->bhcm", scaled, projection)
-    half = 0.5 * jnp.sum(jnp.square(scaled), axis=-1, keepdims=True)
+    """Scaled query, logits, their max, ``e^{l - |q_s|^2/2 - max l}`` and that ``+ eps``."""
+    scaled, logits, half = _projection_terms(q, projection)
     top = jnp.max(logits, axis=-1, keepdims=True)
     expo = jnp.exp(logits - half - top)
     return scaled, logits, top, expo, expo + eps
-
-
-def _key_terms(k, projection):
-    scaled = k * (k.shape[-1] ** -0.25)
-    logits = jnp.einsum("bhcd,md->bhcm", scaled, projection)
-    half = 0.5 * jnp.sum(jnp.square(scaled), axis=-1, keepdims=True)
-    return scaled, logits, half
 
 
 def _key_features(logits, half, offsets, keep):
@@ -56,8 +54,11 @@ def _key_features(logits, half, offsets, keep):
     return jnp.exp(exponent)
 
 
-def _decay(offsets, lower):
-    """``e^{c_j - c_i}`` for ``j <= i`` inside the chunk, 0 above the diagonal."""
+def intra_chunk_decay(offsets: jax.Array) -> jax.Array:
+    """``e^{c_j - c_i}`` for ``j <= i`` inside a chunk, 0 above the diagonal:
+    ``[..., C] -> [..., C, C]``."""
+    chunk = offsets.shape[-1]
+    lower = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
     return jnp.exp(jnp.where(lower, offsets[..., None, :] - offsets[..., :, None], -jnp.inf))
 
 
@@ -66,7 +67,6 @@ def _forward(q, k, v, keep, projection, eps):
     ``v`` carries a ones column. Returns the output and the residuals of the backward pass."""
     n, b, h, c, _ = q.shape
     m, width = projection.shape[0], v.shape[-1]
-    lower = jnp.tril(jnp.ones((c, c), bool))
     ratio2 = 1.0 / m
 
     def step(carry, xs):
@@ -74,7 +74,7 @@ def _forward(q, k, v, keep, projection, eps):
         qn, kn, vn, keepn, index = xs
         keepn = jnp.broadcast_to(keepn, (b, h, c))
         _, _, _, _, qf = _query_features(qn, projection, eps)
-        _, logits, half = _key_terms(kn, projection)
+        _, logits, half = _projection_terms(kn, projection)
         key_max = jnp.where(keepn, jnp.max(logits, axis=-1), MASKED_LOG_OFFSET)
         # Running max inside the chunk and the (position, feature) that set it: a position sets
         # a record when its max beats every earlier one (ties keep the earliest).
@@ -93,7 +93,7 @@ def _forward(q, k, v, keep, projection, eps):
             jnp.where(beats, feature, feature_prev[..., None]).astype(jnp.int32),
         )
         ke = _key_features(logits, half, offsets, keepn)
-        weights = jnp.einsum("bhim,bhjm->bhij", qf, ke) * _decay(offsets, lower)
+        weights = jnp.einsum("bhim,bhjm->bhij", qf, ke) * intra_chunk_decay(offsets)
         from_start = jnp.exp(c_prev[..., None] - offsets)[..., None]
         core = jnp.einsum("bhij,bhjd->bhid", weights, vn)
         core += from_start * jnp.einsum("bhim,bhmd->bhid", qf, state)
@@ -133,7 +133,6 @@ def _softmax_scan_bwd(eps, residuals, d_out):
     q, k, v, keep, projection, core, states, starts, value_sums, offsets, args = residuals
     n, b, h, c, dim = q.shape
     m = projection.shape[0]
-    lower = jnp.tril(jnp.ones((c, c), bool))
     scale = dim**-0.25
     d_out = d_out / m  # the ratio^2 on the output
 
@@ -142,9 +141,9 @@ def _softmax_scan_bwd(eps, residuals, d_out):
         qn, kn, vn, keepn, state, c_prev, value_sum, offs, g = xs
         keepn = jnp.broadcast_to(keepn, (b, h, c))
         q_scaled, q_logits, q_top, q_exp, qf = _query_features(qn, projection, eps)
-        k_scaled, k_logits, k_half = _key_terms(kn, projection)
+        k_scaled, k_logits, k_half = _projection_terms(kn, projection)
         ke = _key_features(k_logits, k_half, offs, keepn)
-        decay = _decay(offs, lower)
+        decay = intra_chunk_decay(offs)
         weights = jnp.einsum("bhim,bhjm->bhij", qf, ke) * decay
         from_start = jnp.exp(c_prev[..., None] - offs)[..., None]
         end = offs[..., -1]

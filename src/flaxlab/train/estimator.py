@@ -177,9 +177,11 @@ class Estimator:
         clip_norm = self.config.optimizer.grad_clip_norm
         # A task may keep some gradients out of the global-norm clipping (VDM: the schedule
         # shape's variance gradient, on another objective and scale than the loss).
-        clip_mask = None  # a pytree of bools like the parameters, or None: clip everything
+        clip_mask = None  # a pytree of bools like the parameters; None clips everything
         if hasattr(task, "gradient_clip_mask"):
             clip_mask = task.gradient_clip_mask(self._abstract[0])
+        if clip_mask is None:
+            clip_mask = jax.tree.map(lambda _: True, self._abstract[0])
 
         def loss_fn(model, batch, key):
             rngs = nnx.Rngs(
@@ -220,18 +222,14 @@ class Estimator:
                 )
                 grads = jax.tree.map(lambda g: g / accum, grads)
                 metrics = jax.tree.map(lambda m: m.mean(0), per_micro)
-            if clip_mask is None:
-                grad_norm = _global_norm(grads)
-            else:  # only the masked parameters' gradients are measured and clipped
-                grad_norm = _global_norm(
-                    jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, clip_mask)
-                )
+            # Only the masked-in gradients are measured and clipped.
+            grad_norm = _global_norm(
+                jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, clip_mask)
+            )
             if clip_norm is not None:
                 scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-30))
                 grads = jax.tree.map(
-                    lambda g, m: (g * scale).astype(g.dtype) if m else g,
-                    grads,
-                    clip_mask if clip_mask is not None else jax.tree.map(lambda _: True, grads),
+                    lambda g, m: (g * scale).astype(g.dtype) if m else g, grads, clip_mask
                 )
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)

@@ -48,17 +48,12 @@ class VDMTask:
         """Weight decay everywhere but the noise schedule (a fix of the reference)."""
         return weight_decay_mask(params)
 
-    def _shape_network(self) -> bool:
-        """Whether the schedule has a shape network of its own (``learned_net``, pinned)."""
-        model = self.config.model
-        return model.schedule == "learned_net" and model.pin_endpoints
-
     def wrap_optimizer(self, tx):
         """Scales the updates of the schedule's shape network by
         ``model.schedule_learning_rate`` (``learned_net`` with pinned endpoints only: unpinned,
         the network also carries the endpoints, which keep the optimizer's rate)."""
         multiplier = self.config.model.schedule_learning_rate
-        if multiplier == 1.0 or not self._shape_network():
+        if multiplier == 1.0 or not self.config.model.has_shape_network:
             return tx
         shape_only = partial(jax.tree_util.tree_map_with_path, lambda path, _: is_shape_path(path))
         return optax.chain(tx, optax.masked(optax.scale(multiplier), shape_only))
@@ -68,8 +63,7 @@ class VDMTask:
         that is trained on the variance of the loss (continuous time): its gradient is on
         another objective and scale, and would otherwise throttle the score network's steps.
         ``None`` (clip everything) when the shape gets the ordinary loss gradient."""
-        model = self.config.model
-        if not (self._shape_network() and model.variance_gradient and model.timesteps == 0):
+        if not self.config.model.shape_on_variance:
             return None
         return jax.tree_util.tree_map_with_path(lambda path, _: not is_shape_path(path), params)
 
