@@ -40,7 +40,7 @@ from flax import nnx
 
 from flaxlab.nn import Encoder
 from flaxlab.optim import amos_with_defaults
-from flaxlab.optim.factory import make_schedule
+from flaxlab.optim.factory import OptimizerConfig, make_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -142,18 +142,8 @@ def lm_loss(model, batch):
 
 
 def lm_schedule_config(name: str, lr: float | None, steps: int, warmup: int):
-    """A duck-typed optimizer config for :func:`flaxlab.optim.factory.make_schedule`."""
-    return dataclasses.make_dataclass(
-        "ScheduleConfig",
-        [
-            ("name", str, name),
-            ("learning_rate", float, lr or 0.0),
-            ("amos_learning_rate", float | None, None),
-            ("warmup_steps", int, warmup),
-            ("decay", str, "cosine"),
-            ("end_learning_rate_factor", float, 0.0),
-        ],
-    )()
+    """The optimizer config whose schedule :func:`flaxlab.optim.factory.make_schedule` builds."""
+    return OptimizerConfig(name=name, learning_rate=lr or 1.0, warmup_steps=warmup, decay="cosine")
 
 
 def lm_curve(study: Study, name: str, lr: float | None, data):

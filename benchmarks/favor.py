@@ -31,7 +31,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from flaxlab.nn import favor
 
@@ -120,84 +119,7 @@ def error_study(feature_counts, logit_stds, length, dim, draws, seed=0):
 # ----------------------------------------------------------------------------- (ii) speed
 
 
-def reference_scan_causal(q, k, v, projection, numerical_stabilizer=1e-6):
-    """The reference's causal FAVOR+: global-max key features and per-token scans (with its
-    custom VJP that walks the prefix state back by subtraction). Re-implemented for timing."""
-    qf = favor.softmax_kernel_features(q, projection, is_query=True)
-    kf = favor.softmax_kernel_features(k, projection, is_query=False)
-    qs, ks, vs = (jnp.moveaxis(x, 1, 0) for x in (qf, kf, v))  # [L, B, H, *]
-    numerator = jnp.moveaxis(_scan_numerator(qs, ks, vs), 0, 1)
-    denominator = jnp.moveaxis(_scan_denominator(qs, ks), 0, 1)
-    denominator = favor.stabilize_denominator(denominator, numerical_stabilizer)
-    return numerator / denominator[..., None]
-
-
-@jax.custom_vjp
-def _scan_numerator(qs, ks, vs):
-    return _scan_numerator_fwd(qs, ks, vs)[0]
-
-
-def _scan_numerator_fwd(qs, ks, vs):
-    def body(state, qkv):
-        q, k, v = qkv
-        state = state + jnp.einsum("bhm,bhd->bhmd", k, v)
-        return state, jnp.einsum("bhm,bhmd->bhd", q, state)
-
-    state0 = jnp.zeros(qs.shape[1:] + vs.shape[-1:], qs.dtype)
-    state, out = lax.scan(body, state0, (qs, ks, vs))
-    return out, (state, qs, ks, vs)
-
-
-def _scan_numerator_bwd(residuals, d_out):
-    state, qs, ks, vs = residuals
-
-    def body(carry, xs):
-        state, d_state = carry
-        q, k, v, dy = xs
-        dq = jnp.einsum("bhd,bhmd->bhm", dy, state)
-        d_state = d_state + jnp.einsum("bhd,bhm->bhmd", dy, q)
-        dk = jnp.einsum("bhmd,bhd->bhm", d_state, v)
-        dv = jnp.einsum("bhmd,bhm->bhd", d_state, k)
-        state = state - jnp.einsum("bhm,bhd->bhmd", k, v)
-        return (state, d_state), (dq, dk, dv)
-
-    _, grads = lax.scan(body, (state, jnp.zeros_like(state)), (qs, ks, vs, d_out), reverse=True)
-    return grads
-
-
-_scan_numerator.defvjp(_scan_numerator_fwd, _scan_numerator_bwd)
-
-
-@jax.custom_vjp
-def _scan_denominator(qs, ks):
-    return _scan_denominator_fwd(qs, ks)[0]
-
-
-def _scan_denominator_fwd(qs, ks):
-    def body(state, qk):
-        q, k = qk
-        state = state + k
-        return state, jnp.sum(q * state, axis=-1)
-
-    state, out = lax.scan(body, jnp.zeros(qs.shape[1:], qs.dtype), (qs, ks))
-    return out, (state, qs, ks)
-
-
-def _scan_denominator_bwd(residuals, d_out):
-    state, qs, ks = residuals
-
-    def body(carry, xs):
-        state, d_state = carry
-        q, k, dy = xs
-        dq = dy[..., None] * state
-        d_state = d_state + dy[..., None] * q
-        return (state - k, d_state), (dq, d_state)
-
-    _, grads = lax.scan(body, (state, jnp.zeros_like(state)), (qs, ks, d_out), reverse=True)
-    return grads
-
-
-_scan_denominator.defvjp(_scan_denominator_fwd, _scan_denominator_bwd)
+reference_scan_causal = favor.reference_causal_favor
 
 
 def attention_variants(projection, chunk_size=None):

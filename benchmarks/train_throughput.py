@@ -31,9 +31,15 @@ import optax
 from flax import nnx
 
 from flaxlab.models import MixerConfig, ViTConfig
-from flaxlab.train import DataConfig, Estimator, ExperimentConfig, OptimizerConfig, TrainConfig
+from flaxlab.train import (
+    DataConfig,
+    Estimator,
+    ExperimentConfig,
+    OptimizerConfig,
+    TrainConfig,
+    make_task,
+)
 from flaxlab.train.metrics import read_jsonl
-from flaxlab.train.task import make_task
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,7 +47,6 @@ RESULTS = Path(__file__).parent / "results"
 def experiment(family, model, data_path, batch, steps, log_every) -> ExperimentConfig:
     return ExperimentConfig(
         family=family,
-        task="classification",
         model=model,
         data=DataConfig(
             name="npz", path=data_path, eval_path=data_path, batch_size=batch, eval_batch_size=batch

@@ -24,10 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlab.data.factory import make_data
-from flaxlab.models.vdm import evaluate_bpd
-from flaxlab.models.vdm_schedules import FixedLinearSchedule
+from flaxlab.models.vdm import FixedLinearSchedule, evaluate_bpd, to_pixels
 from flaxlab.train.estimator import Estimator, load_config
-from flaxlab.train.vdm_task import to_pixels
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -46,10 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlab.data.factory import make_data
-from flaxlab.models.vdm_schedules import FixedLinearSchedule
+from flaxlab.models.vdm import FixedLinearSchedule, to_pixels
 from flaxlab.train import Estimator, load_config
 from flaxlab.train.metrics import read_jsonl
-from flaxlab.train.vdm_task import to_pixels
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

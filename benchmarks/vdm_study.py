@@ -47,10 +47,10 @@ from flax import nnx
 from flaxlab.configs import get_preset
 from flaxlab.data.pipeline import to_float_images
 from flaxlab.data.sources import load_digits
+from flaxlab.models.classification import split_model_output
 from flaxlab.models.vdm import evaluate_bpd, image_grid, sample
 from flaxlab.train import Estimator, load_config
 from flaxlab.train.metrics import read_jsonl
-from flaxlab.train.task import split_model_output
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -48,6 +48,7 @@ def test_train_eval_predict(tmp_path, preset, tiny):
     result = runner.invoke(app, ["train", preset, "--workdir", str(workdir), *sets(tiny)])
     assert result.exit_code == 0, result.output
     assert "test accuracy:" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("test accuracy: ")  # the headline
     result = runner.invoke(app, ["eval", str(workdir), "--step", "8"])
     assert result.exit_code == 0 and "step 8: accuracy" in result.output, result.output
     result = runner.invoke(app, ["predict", str(workdir), "--data", "digits"])
@@ -118,6 +119,8 @@ def test_vdm_train_then_sample(tmp_path):
     result = runner.invoke(app, ["train", "vdm-digits", "--workdir", str(workdir), *sets(VDM_TINY)])
     assert result.exit_code == 0, result.output
     assert "bpd" in result.output and "bpd_ci95" in result.output
+    headline = result.output.strip().splitlines()[-1]
+    assert headline.startswith("test bits/dim: ") and " +- " in headline, headline
     out = tmp_path / "grid.png"
     args = ["sample", str(workdir), "--num", "6", "--steps", "3", "--output", str(out)]
     result = runner.invoke(app, args + ["--sampler", "ddim"])
@@ -165,9 +168,25 @@ def test_performer_lm_train_then_generate(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "bits_per_byte" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("validation bits per byte: ")
     args = ["generate", str(workdir), "--prompt", "def ", "--num-tokens", "12", "--seed", "3"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert first.output.startswith("def ") and first.output == runner.invoke(app, args).output
     result = runner.invoke(app, ["generate", str(workdir), "--num-tokens", "500"])
     assert result.exit_code == 2 and "exceeds the model's context" in result.output
+
+
+def test_global_verbose_option_and_exit_status_of_a_failed_run(tmp_path):
+    """-v is an option of the command itself (once, before the subcommand); a run that fails
+    (here: a non-finite loss) exits 1, a usage error 2, each with one line."""
+    workdir = tmp_path / "nan"
+    overrides = TINY + ["optimizer.learning_rate=3e38", "optimizer.grad_clip_norm=none"]
+    result = runner.invoke(
+        app, ["-v", "train", "vit-digits", "--workdir", str(workdir)] + sets(overrides)
+    )
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "training stopped: the loss is nan" in lines[0], result.output
+    result = runner.invoke(app, ["train", "vit-digits", "-v"])
+    assert result.exit_code == 2  # -v belongs before the subcommand

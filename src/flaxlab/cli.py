@@ -1,6 +1,8 @@
 """The ``flaxlab`` command: parses arguments, calls the library, prints results.
 
-Errors from bad input are printed on one line (``error: ...``) with exit status 2; nothing
+Every failure is printed on one line (``error: ...``): exit status 2 for a usage error (a bad
+preset, ``--set``, path or work directory: a ``ValueError``), 1 for a run that failed (a
+non-finite loss, no readable checkpoint: a ``TrainingError`` or ``CheckpointError``). Nothing
 already written in a work directory is changed by a command that fails its checks.
 """
 
@@ -10,8 +12,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,18 +33,54 @@ SetOption = Annotated[
 ]
 
 
-def _setup_logging(verbose: bool) -> None:
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log what the library does (INFO).")
+    ] = False,
+):
+    """flaxlab: VDM, Amos, ViT/Mixer, V-MoE and Performer FAVOR+ in JAX + Flax NNX."""
+    # flaxlab's own records: one plain line each ("warning: ..."), on stderr; libraries' logs
+    # stay quiet (flaxlab reports their failures itself) unless -v.
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LineFormatter())
+    flaxlab_log = logging.getLogger("flaxlab")
+    flaxlab_log.handlers[:] = [handler]
+    flaxlab_log.setLevel(logging.INFO)
+    flaxlab_log.propagate = False
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    logging.getLogger("flaxlab").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _fail(error: Exception) -> None:
-    message = str(error).replace("\n", " ")
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+class _LineFormatter(logging.Formatter):
+    """``message`` for information, ``warning: message`` (``error: ...``) for the rest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = " ".join(record.getMessage().split())
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+USAGE_ERROR, RUN_FAILED = 2, 1
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Calls ``fn``; a failure becomes one ``error: ...`` line and exit status 2 (usage) or 1."""
+    from flaxlab.train import CheckpointError, TrainingError
+
+    try:
+        return fn()
+    except ValueError as error:  # bad input: preset, --set, path, work directory
+        code = USAGE_ERROR
+        message = error
+    except (TrainingError, CheckpointError) as error:
+        code = RUN_FAILED
+        message = error
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+    raise typer.Exit(code)
 
 
 def _print_metrics(title: str, metrics: dict) -> None:
@@ -63,28 +102,25 @@ def train(
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")
     ] = None,
-    verbose: bool = False,
 ):
     """Train a preset (resuming from the newest checkpoint in WORKDIR) and evaluate it."""
-    _setup_logging(verbose)
     from flaxlab.configs import get_preset
-    from flaxlab.train import Estimator, TrainingError
+    from flaxlab.train import Estimator
 
     workdir = workdir or Path("runs") / preset
-    try:
+
+    def run():
         config = get_preset(preset, set_ or [])
         estimator = Estimator(config, workdir, progress=progress)
-        final = estimator.train()
-    except (ValueError, TrainingError) as error:
-        _fail(error)
-        return
+        return config, estimator, estimator.train()
+
+    config, estimator, final = _run(run)
     if not final:
         typer.echo(f"stopped; checkpoint saved in {workdir}; run the same command to resume")
         return
     _print_metrics(f"final evaluation ({config.train.steps} steps)", final)
-    if "accuracy" in final:
-        typer.echo(f"test accuracy: {100 * final['accuracy']:.2f}%")
     typer.echo(f"work directory: {workdir} (metrics.jsonl, curves.png, checkpoints/)")
+    typer.echo(estimator.task.headline(final))
 
 
 @app.command("eval")
@@ -99,24 +135,19 @@ def evaluate(
     ] = 3600.0,
     poll: Annotated[float, typer.Option(help="--watch: seconds between looks.")] = 5.0,
     set_: SetOption = None,
-    verbose: bool = False,
 ):
     """Evaluate a checkpoint of WORKDIR, or (--watch) every checkpoint as training writes it."""
-    _setup_logging(verbose)
-    from flaxlab.train import Estimator, TrainingError, apply_overrides, load_config
+    from flaxlab.train import Estimator, apply_overrides, load_config
 
-    try:
+    def run():
         config = apply_overrides(load_config(workdir), set_ or [])
         estimator = Estimator(config, workdir, progress=False)
         if watch:
-            for found, metrics in estimator.watch(poll_seconds=poll, timeout_seconds=timeout):
-                _print_metrics(f"step {found}", metrics)
-            return
-        found, metrics = estimator.evaluate(step)
-    except (ValueError, TrainingError) as error:
-        _fail(error)
-        return
-    _print_metrics(f"step {found}", metrics)
+            return estimator.watch(poll_seconds=poll, timeout_seconds=timeout)
+        return [estimator.evaluate(step)]
+
+    for found, metrics in _run(run):
+        _print_metrics(f"step {found}", metrics)
 
 
 @app.command()
@@ -129,21 +160,17 @@ def predict(
         Path | None, typer.Option(help="Output .npz (default: WORKDIR/predictions.npz).")
     ] = None,
     step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
-    verbose: bool = False,
 ):
     """Write the model's predictions for a data set to an .npz file."""
-    _setup_logging(verbose)
-    from flaxlab.train import Estimator, TrainingError, load_config
+    from flaxlab.train import Estimator, load_config
 
-    try:
+    def run():
         config = load_config(workdir)
         data_config = _data_config_for(config.data, data)
         estimator = Estimator(config, workdir, progress=False)
-        path = estimator.predict(data_config, output or workdir / "predictions.npz", step)
-    except (ValueError, TrainingError) as error:
-        _fail(error)
-        return
-    typer.echo(f"predictions written to {path}")
+        return estimator.predict(data_config, output or workdir / "predictions.npz", step)
+
+    typer.echo(f"predictions written to {_run(run)}")
 
 
 def _data_config_for(base, data: str):
@@ -188,30 +215,25 @@ def sample_command(
         Path | None, typer.Option(help="PNG path (default: WORKDIR/samples.png).")
     ] = None,
     step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
-    verbose: bool = False,
 ):
     """Sample images from a trained VDM and write them as a PNG grid."""
-    _setup_logging(verbose)
-    from flaxlab.train import TrainingError
 
-    try:
+    def run():
+        from flaxlab.models.vdm import sample_images
+
         model = _restore_model(workdir, "vdm", "sample needs a VDM run", step)
-        from flaxlab.train.vdm_task import sample_images
-
-        labels = None if label is None else [label] * num
-        path = sample_images(
+        return sample_images(
             model,
             num=num,
             steps=steps,
             sampler=sampler,
             guidance=guidance,
             seed=seed,
-            labels=labels,
+            labels=None if label is None else [label] * num,
             output=output or workdir / "samples.png",
         )
-    except (ValueError, TrainingError) as error:
-        _fail(error)
-        return
+
+    path = _run(run)
     typer.echo(f"{num} samples ({sampler}, {steps} steps) written to {path}")
 
 
@@ -223,24 +245,24 @@ def generate(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.8,
     seed: int = 0,
     step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
-    verbose: bool = False,
 ):
     """Continue a prompt with a trained Performer LM (O(1) work per generated byte)."""
-    _setup_logging(verbose)
-    import jax
 
-    from flaxlab.train import TrainingError
+    def run():
+        import jax
 
-    try:
-        model = _restore_model(workdir, "performer_lm", "generate needs a performer_lm run", step)
         from flaxlab.models.performer_lm import generate as generate_bytes
 
-        text = generate_bytes(
-            model, prompt.encode("utf-8"), num_tokens, jax.random.key(seed), temperature
+        model = _restore_model(workdir, "performer_lm", "generate needs a performer_lm run", step)
+        return generate_bytes(
+            model,  # type: ignore[arg-type]  (checked: a performer_lm run)
+            prompt.encode("utf-8"),
+            num_tokens,
+            jax.random.key(seed),
+            temperature,
         )
-    except (ValueError, TrainingError) as error:
-        _fail(error)
-        return
+
+    text = _run(run)
     typer.echo(prompt + text.decode("utf-8", errors="replace"))
 
 
@@ -262,11 +284,7 @@ def show_config(
     from flaxlab.configs import get_preset
     from flaxlab.train import to_dict
 
-    try:
-        config = get_preset(preset, set_ or [])
-    except ValueError as error:
-        _fail(error)
-        return
+    config = _run(lambda: get_preset(preset, set_ or []))
     typer.echo(json.dumps(to_dict(config), indent=2))
 
 

@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,44 @@ def test_npz(tmp_path):
     with pytest.raises(ValueError, match="has no array 'label'; it holds \\['image', 'y'\\]"):
         np.savez(tmp_path / "g.npz", image=images, y=np.array([0, 2]))
         load_npz(tmp_path / "g.npz")
+
+
+class RunsACommand:
+    """A pickle payload that calls os.system when unpickled (what a crafted batch can do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_its_code(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    marker = tmp_path / "pwned"
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": RunsACommand(marker), b"labels": [0]}, f)
+    (root / "test_batch").write_bytes((root / "data_batch_1").read_bytes())
+    with pytest.raises(ValueError, match=r"data_batch_1' is not an official CIFAR batch: .*system"):
+        load_cifar(root, "train")
+    assert not marker.exists()
+    # Only arrays of pixels pass: an object array is refused too.
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": np.array([marker], dtype=object), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match="data_batch_1"):
+        load_cifar(root, "train")
+
+
+def test_nothing_else_in_flaxlab_unpickles():
+    import flaxlab
+
+    src = Path(flaxlab.__file__).parent
+    users = sorted(
+        str(p.relative_to(src))
+        for p in src.rglob("*.py")
+        if "pickle.load" in p.read_text() or "Unpickler" in p.read_text()
+    )
+    assert users == ["data/sources.py"]

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from flaxlab.models import Mixer, MixerConfig, count_parameters
-from tests import numpy_reference as ref
+from tests.reference import transformer as ref
 
 
 def test_mixer_b16_parameter_count_matches_the_reference():

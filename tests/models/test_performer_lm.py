@@ -11,15 +11,14 @@ from flax import nnx
 
 from flaxlab.data import text
 from flaxlab.models.performer_lm import (
+    LMTask,
     PerformerLM,
     PerformerLMConfig,
     generate,
     performer_lm_preset,
     recurrent_logits,
 )
-from flaxlab.models.registry import register_model_family
 from flaxlab.nn.attention import AttentionConfig
-from flaxlab.train.lm_task import LMTask
 
 TINY = PerformerLMConfig(seq_len=160, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
 
@@ -71,9 +70,6 @@ def test_recurrent_logits_equal_parallel_logits(favor_kernel, model, forward):
 
 
 def test_lm_task_matches_a_numpy_cross_entropy():
-    register_model_family(
-        "performer_lm", "flaxlab.models.performer_lm:PerformerLMConfig:PerformerLM"
-    )
     config = performer_lm_preset("tiny", seq_len=8, num_layers=1)
     task = LMTask(SimpleNamespace(family="performer_lm", model=config))
     model = task.init_model(nnx.Rngs(0))

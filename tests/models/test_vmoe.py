@@ -175,3 +175,25 @@ def test_upcycled_model_with_all_experts_equals_the_dense_vit(images):
             ViT(dataclasses.replace(ViTConfig(**TINY), mlp_dim=8), rngs=nnx.Rngs(0)),
             VMoE(tiny_config(), rngs=nnx.Rngs(0)),
         )
+
+
+@pytest.mark.parametrize("moe_rate", [None, 0.4])
+def test_expert_mlps_apply_dropout_while_training(images, moe_rate):
+    """As the reference: the experts drop out at the model's dropout_rate, or moe.dropout_rate
+    when set; only in training mode (the dense block's dropout is off here: moe_rate alone)."""
+    config = dataclasses.replace(tiny_config(dropout_rate=moe_rate), dropout_rate=0.3)
+    if moe_rate is not None:
+        config = dataclasses.replace(config, dropout_rate=0.0)
+    model = VMoE(config, rngs=nnx.Rngs(0))
+    assert model.moe_layers()[0].dropout_rate == (0.3 if moe_rate is None else moe_rate)
+    head = model.head.kernel
+    head[...] = jax.random.normal(jax.random.key(3), head[...].shape)  # zero-initialised
+    noise_free = dict(capacity_factor=4.0)
+    a, _ = run(model, images, seed=1, **noise_free)
+    b, _ = run(model, images, seed=2, **noise_free)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    e1, _ = run(model, images, **noise_free)
+    e2, _ = run(model, images, **noise_free)
+    np.testing.assert_array_equal(e1, e2)
+    with pytest.raises(ValueError, match=r"moe.dropout_rate=1.5"):
+        tiny_config(dropout_rate=1.5)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from flaxlab.nn import AttentionConfig, Encoder, EncoderBlock, MultiHeadAttention, drop_path
-from tests import numpy_reference as ref
+from tests.reference import transformer as ref
 
 
 def params64(module):

@@ -2,8 +2,8 @@ import numpy as np
 import optax
 import pytest
 
+from flaxlab.optim import OptimizerConfig, SGDConfig
 from flaxlab.optim.factory import kernel_mask, make_optimizer, make_schedule
-from flaxlab.train import OptimizerConfig
 
 
 def expected_lr(step, peak, warmup, total, decay, end_factor):
@@ -35,7 +35,7 @@ def test_weight_decay_only_on_kernels_and_clipping():
     cfg = OptimizerConfig(
         name="sgd",
         learning_rate=1.0,
-        momentum=0.0,
+        sgd=SGDConfig(momentum=0.0),
         weight_decay=0.5,
         decay="constant",
         grad_clip_norm=None,
@@ -49,7 +49,7 @@ def test_weight_decay_only_on_kernels_and_clipping():
         OptimizerConfig(
             name="sgd",
             learning_rate=1.0,
-            momentum=0.0,
+            sgd=SGDConfig(momentum=0.0),
             weight_decay=0.0,
             decay="constant",
             grad_clip_norm=1.0,
@@ -59,3 +59,34 @@ def test_weight_decay_only_on_kernels_and_clipping():
     big = {"dense": {"kernel": np.full((2, 2), 3.0, np.float32), "bias": np.zeros(2, np.float32)}}
     updates, _ = clipped.update(big, clipped.init(params), params)
     assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+def amos_head_update(tmp_path, rules):
+    """Amos's first update of a zero head kernel (proportional to its eta) and its slots."""
+    from flaxlab.optim import AmosConfig
+
+    path = None
+    if rules is not None:
+        path = tmp_path / "rules.json"
+        path.write_text(rules)
+    cfg = OptimizerConfig(
+        name="amos",
+        decay="constant",
+        grad_clip_norm=None,
+        amos=AmosConfig(rules=path and str(path)),
+    )
+    params = {"head": {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+    grads = {"head": {"kernel": np.ones((4, 3), np.float32), "bias": np.ones(3, np.float32)}}
+    tx = make_optimizer(cfg, 100)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    return np.asarray(updates["head"]["kernel"]), state
+
+
+def test_amos_rules_file_overrides_the_default_rules(tmp_path):
+    default, _ = amos_head_update(tmp_path, None)
+    ruled, state = amos_head_update(tmp_path, '{".*head/kernel": {"eta": 0.01, "shape": [4, 1]}}')
+    # Default eta for a (4, 3) kernel: sqrt(1 / fan_in) = 0.5; the update scales with eta.
+    np.testing.assert_allclose(ruled / default, 0.01 / 0.5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rules.json.*not a number"):
+        amos_head_update(tmp_path, '{".*": {"eta": [1, "x"]}}')

@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from flaxlab.configs import describe_presets, get_preset
-from flaxlab.train import apply_overrides, from_dict, to_dict
+from flaxlab.train import apply_overrides, from_dict, migrate, to_dict
 
 
 def test_presets_round_trip_through_json():
@@ -61,3 +62,38 @@ def test_values_are_validated():
         get_preset("vit-digits", ["optimizer.grad_accum_steps=3"])
     with pytest.raises(ValueError, match=r"unknown preset 'vit-digit'; did you mean vit-digits"):
         get_preset("vit-digit")
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("preset", ["vit-digits", "vdm-digits", "performer-lm-stdlib"])
+def test_version_1_config_files_migrate_to_the_same_experiment(preset):
+    """config.json written by flaxlab 0.1 (flat optimizer fields, task as a name, task
+    settings under train) reads back as the experiment it described."""
+    old = json.loads((DATA / f"config_v1_{preset}.json").read_text())
+    assert "version" not in old and isinstance(old["task"], str)
+    want = get_preset(preset, ["optimizer.name=amos", "optimizer.amos.momentum=0.5"])
+    assert from_dict(old) == want
+    assert migrate(old)["version"] == 2 and to_dict(want)["version"] == 2
+    assert from_dict(to_dict(want)) == want
+
+
+def test_version_1_task_settings_the_task_lacks_are_refused_unless_default():
+    old = json.loads((DATA / "config_v1_vdm-digits.json").read_text())
+    old["train"]["label_smoothing"] = 0.2
+    with pytest.raises(ValueError, match="train.label_smoothing=0.2.*family 'vdm'"):
+        from_dict(old)
+
+
+def test_task_settings_are_overridden_under_task():
+    c = get_preset("vit-digits", ["task.label_smoothing=0.2", "optimizer.adamw.b2=0.95"])
+    assert c.task.label_smoothing == 0.2 and c.optimizer.adamw.b2 == 0.95
+    with pytest.raises(ValueError, match=r"unknown field 'task.label_smoothin'"):
+        get_preset("vit-digits", ["task.label_smoothin=0.2"])
+    with pytest.raises(ValueError, match=r"task.label_smoothing=1.5 must be in \[0, 1\)"):
+        get_preset("vit-digits", ["task.label_smoothing=1.5"])
+    with pytest.raises(ValueError, match=r"'optimizer.momentum' is now 'optimizer.sgd.momentum'"):
+        get_preset("vit-digits", ["optimizer.momentum=0.5"])
+    with pytest.raises(ValueError, match=r"'train.label_smoothing' is now 'task.label_smoothing'"):
+        get_preset("vit-digits", ["train.label_smoothing=0.5"])

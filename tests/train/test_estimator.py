@@ -15,6 +15,7 @@ from flaxlab.train import (
     CheckpointError,
     Estimator,
     TrainingError,
+    Workdir,
     WorkdirMismatchError,
 )
 from flaxlab.train.metrics import read_jsonl
@@ -126,7 +127,7 @@ def test_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = get_preset("vit-digits", TINY)
     estimator = Estimator(config, tmp_path / "nan", progress=False)
-    real_step = estimator._make_train_step()
+    real_step = estimator.make_train_step()
 
     def poisoned(state, batch):
         step = int(state["step"])
@@ -135,7 +136,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             metrics = dict(metrics, loss=jnp.float32(jnp.nan))
         return new_state, metrics
 
-    estimator._train_step = poisoned
+    estimator.train_step = poisoned
     with pytest.raises(
         TrainingError,
         match=r"loss is nan at step 7; the last good checkpoint "
@@ -148,16 +149,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_warm_start_takes_parameters_and_optionally_the_optimizer(trained, tmp_path):
     workdir, estimator, _ = trained
-    _, trained_state = estimator._restore(
-        Checkpointer(workdir / "checkpoints", read_only=True), None
-    )
+    _, trained_state = estimator.restore_state()
     for keep_optimizer in (False, True):
         config = get_preset(
             "vit-digits",
             TINY + [f"train.warm_start={workdir}", f"train.warm_start_optimizer={keep_optimizer}"],
         )
         fresh = Estimator(config, tmp_path / f"warm{keep_optimizer}", progress=False)
-        state = fresh._warm_start(fresh.init_state())
+        state = fresh.warm_start(fresh.init_state())
         jax.tree.map(np.testing.assert_array_equal, state["params"], trained_state["params"])
         adam_count = [x for x in jax.tree.leaves(state["opt_state"]) if x.dtype == jnp.int32]
         assert int(adam_count[0]) == (12 if keep_optimizer else 0)
@@ -181,7 +180,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_ema(tmp_path):
         from flaxlab.train import sharding
 
         batches, _ = make_data(config.data)
-        step_fn = estimator._make_train_step()
+        step_fn = estimator.make_train_step()
         state = estimator.init_state()
         p0 = jax.tree.map(np.asarray, state["params"])
         state, _ = step_fn(state, sharding.shard_batch(batches(0), estimator.mesh))
@@ -236,7 +235,7 @@ def test_task_can_keep_parameters_out_of_gradient_clipping(tmp_path):
 
     plain = [
         "optimizer.name=sgd",
-        "optimizer.momentum=0",
+        "optimizer.sgd.momentum=0",
         "optimizer.weight_decay=0",
         "optimizer.warmup_steps=0",
         "optimizer.decay=constant",
@@ -266,7 +265,7 @@ def test_task_can_keep_parameters_out_of_gradient_clipping(tmp_path):
             state["params"],
         )
         p0 = jax.tree.map(np.asarray, state["params"])
-        state, metrics = estimator._make_train_step()(
+        state, metrics = estimator.make_train_step()(
             state, sharding.shard_batch(batches(0), estimator.mesh)
         )
         deltas[name] = jax.tree.map(lambda a, b: np.asarray(a) - b, state["params"], p0)
@@ -294,20 +293,20 @@ def test_run_saved_before_a_model_field_existed_still_matches(tmp_path):
     import dataclasses
 
     config = get_preset("vit-digits", TINY)
-    Estimator(config, tmp_path, progress=False)._prepare_workdir()
+    Workdir(tmp_path).prepare(config)
     path = tmp_path / "config.json"
     saved = json.loads(path.read_text())
     defaults = {f.name: f.default for f in dataclasses.fields(type(config.model))}
     same = next(k for k, v in saved["model"].items() if defaults.get(k) == v)
     del saved["model"][same]
     path.write_text(json.dumps(saved))
-    Estimator(config, tmp_path, progress=False)._prepare_workdir()  # no error
+    Workdir(tmp_path).prepare(config)  # no error
     assert same in json.loads(path.read_text())["model"]  # rewritten with the field
     saved = json.loads(path.read_text())
     del saved["model"]["hidden_size"]  # 16 here, not the default
     path.write_text(json.dumps(saved))
     with pytest.raises(WorkdirMismatchError, match="model.hidden_size"):
-        Estimator(config, tmp_path, progress=False)._prepare_workdir()
+        Workdir(tmp_path).prepare(config)
 
 
 def test_the_model_restores_whatever_the_optimizer_state_layout(trained):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flaxlab.models.performer_lm import performer_lm_preset
-from flaxlab.train.config import DataConfig, ExperimentConfig, OptimizerConfig, TrainConfig
+from flaxlab.optim.factory import OptimizerConfig
+from flaxlab.train.config import DataConfig, ExperimentConfig, TrainConfig
 
 
 def performer_lm_stdlib() -> ExperimentConfig:
@@ -17,7 +18,6 @@ def performer_lm_stdlib() -> ExperimentConfig:
     model = performer_lm_preset("small")
     return ExperimentConfig(
         family="performer_lm",
-        task="lm",
         model=model,
         data=DataConfig(
             name="stdlib_text", batch_size=32, eval_batch_size=64, seq_len=model.seq_len
@@ -34,8 +34,6 @@ def performer_lm_stdlib() -> ExperimentConfig:
             log_every=50,
             eval_every=250,
             checkpoint_every=250,
-            best_metric="loss",
-            best_mode="min",
         ),
         description="Byte-level Performer (FAVOR+) LM on the Python standard library's sources",
     )

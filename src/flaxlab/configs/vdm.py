@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flaxlab.models.vdm import vdm_preset
-from flaxlab.train.config import DataConfig, ExperimentConfig, OptimizerConfig, TrainConfig
+from flaxlab.optim.factory import AdamWConfig, OptimizerConfig
+from flaxlab.train.config import DataConfig, ExperimentConfig, TrainConfig
 
 
 def vdm_digits() -> ExperimentConfig:
@@ -19,7 +20,6 @@ def vdm_digits() -> ExperimentConfig:
     """
     return ExperimentConfig(
         family="vdm",
-        task="vdm",
         model=vdm_preset(
             "digits",
             schedule="learned_net",
@@ -33,7 +33,7 @@ def vdm_digits() -> ExperimentConfig:
             warmup_steps=100,
             decay="cosine",
             end_learning_rate_factor=0.1,
-            b2=0.99,
+            adamw=AdamWConfig(b2=0.99),
             weight_decay=0.01,
             grad_clip_norm=1.0,
         ),
@@ -43,8 +43,6 @@ def vdm_digits() -> ExperimentConfig:
             eval_every=500,
             checkpoint_every=500,
             ema_decay=0.999,
-            best_metric="bpd",
-            best_mode="min",
         ),
         description="VDM with a learned noise schedule on the bundled 8x8 digits",
     )
@@ -58,7 +56,6 @@ def vdm_cifar10() -> ExperimentConfig:
     """
     return ExperimentConfig(
         family="vdm",
-        task="vdm",
         model=vdm_preset("cifar10"),
         data=DataConfig(name="cifar", batch_size=128, eval_batch_size=500),
         optimizer=OptimizerConfig(
@@ -66,7 +63,7 @@ def vdm_cifar10() -> ExperimentConfig:
             learning_rate=2e-4,
             warmup_steps=0,
             decay="constant",
-            b2=0.99,
+            adamw=AdamWConfig(b2=0.99),
             weight_decay=0.01,
             grad_clip_norm=None,
         ),
@@ -76,8 +73,6 @@ def vdm_cifar10() -> ExperimentConfig:
             eval_every=100_000,
             checkpoint_every=10_000,
             ema_decay=0.9999,
-            best_metric="bpd",
-            best_mode="min",
         ),
         description="The reference VDM on CIFAR-10 (needs the CIFAR-10 python batches)",
     )

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from flaxlab.models.classification import ClassificationConfig
 from flaxlab.models.mixer import MixerConfig
 from flaxlab.models.vit import ViTConfig
 from flaxlab.models.vmoe import MoeConfig, VMoEConfig
-from flaxlab.train.config import DataConfig, ExperimentConfig, OptimizerConfig, TrainConfig
+from flaxlab.optim.factory import OptimizerConfig
+from flaxlab.train.config import DataConfig, ExperimentConfig, TrainConfig
 
 DIGITS_DATA = DataConfig(name="digits", batch_size=64, eval_batch_size=360, crop_padding=1)
 DIGITS_OPTIMIZER = OptimizerConfig(
     name="adamw", learning_rate=3e-3, warmup_steps=100, weight_decay=0.05, grad_clip_norm=1.0
 )
-DIGITS_TRAIN = TrainConfig(
-    steps=2000, log_every=100, eval_every=500, checkpoint_every=500, label_smoothing=0.1
-)
+DIGITS_TRAIN = TrainConfig(steps=2000, log_every=100, eval_every=500, checkpoint_every=500)
+DIGITS_TASK = ClassificationConfig(label_smoothing=0.1)
 
 
 def vit_digits() -> ExperimentConfig:
@@ -37,8 +38,8 @@ def vit_digits() -> ExperimentConfig:
     )
     return ExperimentConfig(
         family="vit",
-        task="classification",
         model=model,
+        task=DIGITS_TASK,
         data=DIGITS_DATA,
         optimizer=DIGITS_OPTIMIZER,
         train=DIGITS_TRAIN,
@@ -64,8 +65,8 @@ def mixer_digits() -> ExperimentConfig:
     )
     return ExperimentConfig(
         family="mixer",
-        task="classification",
         model=model,
+        task=DIGITS_TASK,
         data=DIGITS_DATA,
         optimizer=DIGITS_OPTIMIZER,
         train=DIGITS_TRAIN,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +63,7 @@ def load_digits(split: str = "train") -> ImageDataset:
 
     if split not in ("train", "test"):
         raise ValueError(f"digits split {split!r} is unknown; accepted: ['train', 'test']")
-    bunch = sklearn_digits()
+    bunch: Any = sklearn_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = bunch.target.astype(np.int32)
     train_x, test_x, train_y, test_y = train_test_split(
@@ -72,7 +74,7 @@ def load_digits(split: str = "train") -> ImageDataset:
         random_state=DIGITS_SPLIT_SEED,
     )
     x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
-    return ImageDataset(np.ascontiguousarray(x), y, tuple(str(i) for i in range(10)))
+    return ImageDataset(np.ascontiguousarray(x), np.asarray(y), tuple(str(i) for i in range(10)))
 
 
 def load_image_folder(
@@ -101,7 +103,7 @@ def load_image_folder(
             with Image.open(file) as img:
                 img = img.convert("L" if channels == 1 else "RGB")
                 if image_size is not None:
-                    img = img.resize((image_size[1], image_size[0]), Image.BILINEAR)
+                    img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8)
             if array.ndim == 2:
                 array = array[..., None]
@@ -119,16 +121,48 @@ def load_image_folder(
     return ImageDataset(np.stack(images), np.asarray(labels, np.int32), tuple(classes))
 
 
-def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pickle as _pickle  # CIFAR's own distribution format; only plain arrays are read.
+# What the official CIFAR python batches contain besides builtins (dicts, lists, bytes, str,
+# ints): NumPy arrays (and integer scalars, as re-pickled copies hold), through these names.
+# Nothing else may be loaded.
+_CIFAR_PICKLE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the official archive's batches and refuses any other global (a crafted batch
+    can name ``os.system`` and a plain ``pickle.load`` would call it)."""
+
+    def __init__(self, file, name: str):
+        super().__init__(file, encoding="bytes")
+        self.name = name
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise ValueError(
+            f"CIFAR batch {self.name!r} is not an official CIFAR batch: it asks to load "
+            f"{module}.{name}, and only dicts, lists, bytes, str, ints and NumPy arrays are read"
+        )
+
+
+def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(file, "rb") as f:
-        batch = _pickle.load(f, encoding="bytes")
+        try:
+            batch = _CifarUnpickler(f, str(file)).load()
+        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError) as error:
+            raise ValueError(f"CIFAR batch {str(file)!r} is not readable: {error}") from None
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise ValueError(f"CIFAR batch {str(file)!r} is not a dict with a 'data' entry")
     data = batch[b"data"]
     labels = batch.get(b"labels", batch.get(b"fine_labels"))
     if labels is None:
         raise ValueError(f"CIFAR batch {str(file)!r} has no 'labels' or 'fine_labels' entry")
-    images = np.asarray(data, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError(f"CIFAR batch {str(file)!r}: 'data' must be a uint8 [N, 3072] array")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, np.asarray(labels, np.int32)
 
 

@@ -13,11 +13,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from flaxlab.models.classification import ClassificationTask
 from flaxlab.models.common import check_images, parse_variant, resolve_dtype, to_pair
+from flaxlab.models.pretrained import count_blocks, dense_params, load_pretrained, norm_params
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, drop_path, gelu
 
 # name: (hidden_size, num_blocks, tokens_mlp_dim, channels_mlp_dim), as in the reference.
@@ -27,6 +31,7 @@ MIXER_SIZES = {
     "L": (1024, 24, 512, 4096),
 }
 MIXER_PATCHES = (16, 32)
+MIXER_BLOCK = "MixerBlock_{i}/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,7 @@ class MixerConfig:
         """A named reference variant, e.g. ``"B/16"`` (size S/B/L, patch 16/32)."""
         dims, patch = parse_variant(name, MIXER_SIZES, MIXER_PATCHES, "Mixer")
         hidden, blocks, tokens_mlp, channels_mlp = dims
-        fields = dict(
+        fields: dict[str, Any] = dict(
             hidden_size=hidden,
             num_blocks=blocks,
             tokens_mlp_dim=tokens_mlp,
@@ -99,7 +104,7 @@ class MixerBlock(nnx.Module):
         self.drop_path_rate = drop_path_rate
 
     def __call__(self, x, *, deterministic=True, rngs=None):
-        kw = dict(deterministic=deterministic, rngs=rngs)
+        kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
         y = self.token_mixing(jnp.swapaxes(self.norm1(x), 1, 2))
         x = x + drop_path(jnp.swapaxes(y, 1, 2), self.drop_path_rate, **kw)
         return x + drop_path(self.channel_mixing(self.norm2(x)), self.drop_path_rate, **kw)
@@ -131,6 +136,12 @@ class Mixer(nnx.Module):
             c.hidden_size, c.num_classes, kernel_init=nnx.initializers.zeros_init(), rngs=rngs
         )
 
+    def pretrained_params(self, arrays: dict) -> dict:
+        """This model's parameter tree from the official ``.npz`` arrays (the reference's keys:
+        ``stem``, ``MixerBlock_<i>/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}``,
+        ``pre_head_layer_norm``, ``head``)."""
+        return mixer_params_from_npz(arrays)
+
     def __call__(self, images, *, deterministic=True, rngs=None):
         c = self.config
         check_images(images, c.image_size, c.num_channels, "Mixer")
@@ -140,3 +151,43 @@ class Mixer(nnx.Module):
             x = block(x, deterministic=deterministic, rngs=rngs)
         x = self.pre_head_norm(x).mean(axis=1)
         return self.head(x).astype(jnp.float32)
+
+
+def mixer_params_from_npz(arrays: dict[str, np.ndarray]) -> dict:
+    """The reference Mixer's flat arrays as a flaxlab Mixer parameter tree."""
+    blocks = {}
+    for i in range(count_blocks(arrays, r"MixerBlock_(\d+)/")):
+        b = MIXER_BLOCK.format(i=i)
+        blocks[i] = {
+            "norm1": norm_params(arrays, f"{b}LayerNorm_0"),
+            "token_mixing": {
+                "fc1": dense_params(arrays, f"{b}token_mixing/Dense_0"),
+                "fc2": dense_params(arrays, f"{b}token_mixing/Dense_1"),
+            },
+            "norm2": norm_params(arrays, f"{b}LayerNorm_1"),
+            "channel_mixing": {
+                "fc1": dense_params(arrays, f"{b}channel_mixing/Dense_0"),
+                "fc2": dense_params(arrays, f"{b}channel_mixing/Dense_1"),
+            },
+        }
+    return {
+        "stem": dense_params(arrays, "stem"),
+        "blocks": blocks,
+        "pre_head_norm": norm_params(arrays, "pre_head_layer_norm"),
+        "head": dense_params(arrays, "head"),
+    }
+
+
+# The family of the model registry.
+Config = MixerConfig
+Model = Mixer
+Task = ClassificationTask
+__all__ = [
+    "Config",
+    "Mixer",
+    "MixerConfig",
+    "Model",
+    "Task",
+    "load_pretrained",
+    "mixer_params_from_npz",
+]

@@ -12,8 +12,8 @@ with a learned token embedding ``E`` (``embed``), a learned position embedding `
 called with ``causal=True`` and a dense ``head``. Position ``t``'s logits predict byte ``t + 1``.
 
 Sampling (:func:`generate`) never recomputes the prefix: each layer and head keeps the causal
-FAVOR+ running sums (:class:`~flaxlab.nn.favor_causal.FavorCausalState`), updated by
-:func:`~flaxlab.nn.favor_causal.favor_causal_step` in ``O(M D)`` per token. Those sums are
+FAVOR+ running sums (:class:`~flaxlab.nn.favor.FavorCausalState`), updated by
+:func:`~flaxlab.nn.favor.favor_causal_step` in ``O(M D)`` per token. Those sums are
 kept relative to the running max of key logits, the same strictly causal stabiliser as the
 parallel path, so :func:`recurrent_logits` equals the forward pass position by position.
 """
@@ -21,23 +21,18 @@ parallel path, so :func:`recurrent_logits` equals the forward pass position by p
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from flaxlab.nn.attention import AttentionConfig
-from flaxlab.nn.favor_causal import favor_causal_init_state, favor_causal_step
+from flaxlab.nn.favor.causal import favor_causal_init_state, favor_causal_step
 from flaxlab.nn.transformer import Encoder
-
-__all__ = [
-    "PerformerLM",
-    "PerformerLMConfig",
-    "generate",
-    "performer_lm_preset",
-    "recurrent_logits",
-]
+from flaxlab.train.task import Batch, TaskBase, TaskConfig
 
 
 def _default_attention() -> AttentionConfig:
@@ -282,3 +277,80 @@ def generate(
     prompt = jnp.asarray(np.frombuffer(prompt_bytes, np.uint8).astype(np.int32))[None]
     tokens = _sample(model, prompt, int(num_tokens), rng, float(temperature))
     return bytes(np.asarray(tokens[0]).astype(np.uint8).tolist())
+
+
+# ----------------------------------------------------------------------------- the LM task
+# Autoregressive byte-level language modelling (next-byte cross-entropy).
+#
+# Batches are ``{"tokens": int [B, L + 1]}`` (plus a bool ``mask`` ``[B]`` for evaluation): the
+# model reads ``tokens[:, :-1]`` and is scored on ``tokens[:, 1:]``. The loss is the mean
+# cross-entropy in nats, ``-1/(B L) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})``; bits per byte are
+# ``loss / ln 2``.
+
+
+def _split(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    tokens = batch["tokens"]
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(
+            f"batch['tokens'] must be int [batch, length + 1 >= 2], got {tokens.shape}"
+        )
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def next_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token cross-entropy in nats ``[B, L]`` (computed in float32)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTaskConfig(TaskConfig):
+    """Language-model task settings: validation loss (nats per byte), lower is better."""
+
+    best_metric: str = "loss"
+    best_mode: str = "min"
+
+
+class LMTask(TaskBase):
+    """Next-byte prediction for :class:`PerformerLM` (any model mapping ``tokens [B, L]`` to
+    ``logits [B, L, V]``).
+
+    * ``loss``: mean cross-entropy (nats); metrics ``loss``, ``bits_per_byte``, ``accuracy``.
+    * ``evaluate``: summed ``loss`` (nats), ``bits_per_byte`` and ``accuracy`` over the target
+      tokens of real windows, with their ``count`` (tokens), so the summary is per byte.
+    * ``predict``: per-window mean ``loss`` (nats) and ``bits_per_byte``.
+    """
+
+    Config = LMTaskConfig
+
+    def loss(self, model, batch: Batch, rngs: nnx.Rngs):
+        inputs, targets = _split(batch)
+        logits = model(inputs, deterministic=False, rngs=rngs)
+        ce = next_token_cross_entropy(logits, targets).mean()
+        accuracy = (logits.argmax(-1) == targets).mean()
+        return ce, {"loss": ce, "bits_per_byte": ce / math.log(2.0), "accuracy": accuracy}
+
+    def evaluate(self, model, batch: Batch) -> dict[str, jax.Array]:
+        inputs, targets = _split(batch)
+        logits = model(inputs, deterministic=True)
+        weight = jnp.broadcast_to(batch["mask"].astype(jnp.float32)[:, None], targets.shape)
+        ce = (next_token_cross_entropy(logits, targets) * weight).sum()
+        return {
+            "loss": ce,
+            "bits_per_byte": ce / math.log(2.0),
+            "accuracy": ((logits.argmax(-1) == targets) * weight).sum(),
+            "count": weight.sum(),
+        }
+
+    def predict(self, model, batch: Batch) -> dict[str, jax.Array]:
+        inputs, targets = _split(batch)
+        ce = next_token_cross_entropy(model(inputs, deterministic=True), targets).mean(axis=1)
+        return {"loss": ce, "bits_per_byte": ce / math.log(2.0)}
+
+    def headline(self, metrics: dict[str, float]) -> str:
+        return f"validation bits per byte: {metrics['bits_per_byte']:.4f}"
+
+
+# The family of the model registry.
+Config = PerformerLMConfig
+Model = PerformerLM
+Task = LMTask

@@ -31,12 +31,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxlab.models.classification import ClassificationTask
 from flaxlab.models.common import parse_variant, resolve_dtype
-from flaxlab.models.vit import ViT, ViTConfig
+from flaxlab.models.vit.model import ViT, ViTConfig
 from flaxlab.nn.moe import DISPATCH_KINDS, ROUTING_KINDS, MoeLayer
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, EncoderBlock, drop_path
 
@@ -84,6 +86,8 @@ class MoeConfig:
       dispatch_kind: ``"einsum"`` (reference), ``"indices"`` or ``"ragged"`` (dropless).
       routing_kind: ``"top_k"`` or ``"experts_choice"``.
       share_expert_init: all experts of a layer start from the same weights (the reference).
+      dropout_rate: dropout inside the experts while training (None: the model's
+        ``dropout_rate``, as the reference's expert MLPs).
     """
 
     layers: tuple[int, ...] = ()
@@ -101,9 +105,12 @@ class MoeConfig:
     dispatch_kind: str = "indices"
     routing_kind: str = "top_k"
     share_expert_init: bool = True
+    dropout_rate: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"moe.dropout_rate={self.dropout_rate} must be in [0, 1)")
         if self.dispatch_kind not in DISPATCH_KINDS:
             raise ValueError(
                 f"moe.dispatch_kind={self.dispatch_kind!r} is unknown; accepted: {DISPATCH_KINDS}"
@@ -161,7 +168,7 @@ class VMoEConfig(ViTConfig):
             num_experts=num_experts,
             num_selected_experts=num_selected_experts,
         )
-        fields = dict(
+        fields: dict[str, Any] = dict(
             hidden_size=hidden,
             num_layers=layers,
             num_heads=heads,
@@ -189,6 +196,7 @@ class MoeEncoderBlock(EncoderBlock):
 
     def make_mlp(self, hidden_size, mlp_dim, dropout_rate, dtype, rngs) -> nnx.Module:
         m = self.moe_config
+        rate = dropout_rate if m.dropout_rate is None else m.dropout_rate
         return MoeLayer(
             hidden_size,
             mlp_dim,
@@ -200,6 +208,7 @@ class MoeEncoderBlock(EncoderBlock):
             noise_std=m.noise_std,
             routing_kind=m.routing_kind,
             dispatch_kind=m.dispatch_kind,
+            dropout_rate=rate,
             importance_loss_weight=m.importance_loss_weight,
             load_loss_weight=m.load_loss_weight,
             gshard_loss_weight=m.gshard_loss_weight,
@@ -208,7 +217,7 @@ class MoeEncoderBlock(EncoderBlock):
         )
 
     def __call__(self, x, *, deterministic=True, rngs=None, **routing):
-        kw = dict(deterministic=deterministic, rngs=rngs)
+        kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
         y = self.attn(self.norm1(x), **kw)
         x = x + drop_path(self.dropout(y, **kw), self.drop_path_rate, **kw)
         y, aux = self.mlp(self.norm2(x), **kw, **routing)
@@ -220,7 +229,7 @@ class MoeEncoder(nnx.Module):
 
     def __init__(self, config: VMoEConfig, *, rngs: nnx.Rngs):
         c = config
-        common = dict(
+        common: dict[str, Any] = dict(
             dropout_rate=c.dropout_rate,
             attention=c.attention,
             dtype=resolve_dtype(c.dtype),
@@ -252,6 +261,7 @@ class MoeEncoder(nnx.Module):
 
 
 class VMoE(ViT):
+    config: VMoEConfig  # narrows ViT's
     """V-MoE classifier: ``model(images) -> (logits, aux)``.
 
     ``aux["aux_loss"]`` is the sum over MoE layers of their weighted auxiliary losses; per layer
@@ -263,14 +273,16 @@ class VMoE(ViT):
         if not isinstance(config, VMoEConfig):
             raise ValueError(f"VMoE needs a VMoEConfig, got {type(config).__name__}")
         super().__init__(config, rngs=rngs)
-        if config.head_bias_init:
-            self.head.bias[...] = jnp.full_like(self.head.bias[...], config.head_bias_init)
+        bias = self.head.bias
+        if config.head_bias_init and bias is not None:
+            bias[...] = jnp.full_like(bias[...], config.head_bias_init)
 
     def make_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
         return MoeEncoder(self.config, rngs=rngs)
 
     def moe_layers(self) -> list[MoeLayer]:
-        return [b.mlp for b in self.encoder.blocks if isinstance(b, MoeEncoderBlock)]
+        blocks = self.encoder.blocks  # type: ignore[attr-defined]
+        return [b.mlp for b in blocks if isinstance(b, MoeEncoderBlock)]  # type: ignore[misc]
 
     def set_routing(self, **settings) -> None:
         """Sets router attributes of every MoE layer, e.g. ``capacity_factor=2.0``."""
@@ -324,12 +336,15 @@ def upcycle(dense: ViT, moe_model: VMoE) -> VMoE:
     MLP (``fc1``/``fc2`` kernel and bias repeated over the expert axis); routers keep their
     initialisation. Returns ``moe_model`` (updated in place).
     """
-    dense_flat = dict(nnx.to_flat_state(nnx.state(dense, nnx.Param)))
+    dense_flat = {
+        tuple(str(p) for p in key): v for key, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))
+    }
     moe_state = nnx.state(moe_model, nnx.Param)
     moe_flat = nnx.to_flat_state(moe_state)
     num_experts = moe_model.config.moe.num_experts
     updated = []
-    for path, variable in moe_flat:
+    for key, variable in moe_flat:
+        path = tuple(str(p) for p in key)
         source = None
         if path in dense_flat:
             source = dense_flat[path][...]
@@ -348,6 +363,12 @@ def upcycle(dense: ViT, moe_model: VMoE) -> VMoE:
             variable = variable.replace(jnp.asarray(source, variable[...].dtype))
         elif "router" not in path:
             raise ValueError(f"upcycle: the dense model has no {'/'.join(map(str, path))}")
-        updated.append((path, variable))
+        updated.append((key, variable))
     nnx.update(moe_model, nnx.from_flat_state(updated))
     return moe_model
+
+
+# The family of the model registry.
+Config = VMoEConfig
+Model = VMoE
+Task = ClassificationTask

@@ -1,5 +1,6 @@
-"""Reusable layers and the math under them."""
+"""Reusable layers and the maths under them: attention, transformer blocks, FAVOR+, MoE."""
 
+from flaxlab.nn import favor, moe
 from flaxlab.nn.attention import (
     ATTENTION_KINDS,
     AttentionConfig,
@@ -19,10 +20,18 @@ from flaxlab.nn.moe import (
     soft_moe,
     top_k_routing,
 )
-from flaxlab.nn.transformer import Encoder, EncoderBlock, MlpBlock, drop_path, gelu
+from flaxlab.nn.transformer import (
+    LAYERNORM_EPSILON,
+    Encoder,
+    EncoderBlock,
+    MlpBlock,
+    drop_path,
+    gelu,
+)
 
 __all__ = [
     "ATTENTION_KINDS",
+    "LAYERNORM_EPSILON",
     "AttentionConfig",
     "Encoder",
     "EncoderBlock",
@@ -36,8 +45,10 @@ __all__ = [
     "drop_path",
     "expert_parallel_moe_mlp",
     "experts_choice_routing",
+    "favor",
     "gelu",
     "make_attention_kernel",
+    "moe",
     "moe_mlp",
     "register_attention_kernel",
     "soft_moe",

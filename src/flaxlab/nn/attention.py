@@ -94,7 +94,12 @@ class SoftmaxKernel(nnx.Module):
             weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0.0)
             return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         return jax.nn.dot_product_attention(
-            q, k, v, mask=bias_mask, is_causal=causal, implementation=self.implementation
+            q,
+            k,
+            v,
+            mask=bias_mask,
+            is_causal=causal,
+            implementation=self.implementation,  # type: ignore[arg-type]
         )
 
 

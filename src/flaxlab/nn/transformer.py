@@ -9,6 +9,8 @@ residual branch with probability ``drop_path_rate * i / (L - 1)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -102,7 +104,7 @@ class EncoderBlock(nnx.Module):
         return MlpBlock(hidden_size, mlp_dim, dropout_rate=dropout_rate, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):
-        kw = dict(deterministic=deterministic, rngs=rngs)
+        kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
         y = self.attn(self.norm1(x), mask=mask, causal=causal, **kw)
         x = x + drop_path(self.dropout(y, **kw), self.drop_path_rate, **kw)
         y = self.mlp(self.norm2(x), **kw)

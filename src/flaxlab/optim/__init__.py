@@ -1,23 +1,35 @@
-"""Optimizers (optax GradientTransformations) and their helpers."""
+"""Optimizers (optax GradientTransformations), their settings and the factory."""
 
 from flaxlab.optim.amos import (
     AmosState,
     ScaleByAmosState,
     amos,
-    leaf_names,
-    scale_by_amos,
-    unpack_slots,
-)
-from flaxlab.optim.amos_defaults import (
     amos_param_table,
     amos_with_defaults,
     default_eta_fn,
     default_shape_fn,
+    evaluate_shape_expression,
+    load_rules_file,
+    params_fn_from_assign_map,
+    scale_by_amos,
 )
-from flaxlab.optim.amos_rules import evaluate_shape_expression, params_fn_from_assign_map
+from flaxlab.optim.factory import (
+    OPTIMIZERS,
+    AdamWConfig,
+    AmosConfig,
+    OptimizerConfig,
+    SGDConfig,
+    make_optimizer,
+    make_schedule,
+)
 
 __all__ = [
+    "OPTIMIZERS",
+    "AdamWConfig",
+    "AmosConfig",
     "AmosState",
+    "OptimizerConfig",
+    "SGDConfig",
     "ScaleByAmosState",
     "amos",
     "amos_param_table",
@@ -25,8 +37,9 @@ __all__ = [
     "default_eta_fn",
     "default_shape_fn",
     "evaluate_shape_expression",
-    "leaf_names",
+    "load_rules_file",
+    "make_optimizer",
+    "make_schedule",
     "params_fn_from_assign_map",
     "scale_by_amos",
-    "unpack_slots",
 ]

@@ -1,29 +1,117 @@
-"""Builds the optimizer and its learning-rate schedule from an optimizer config.
+"""The optimizer settings and the optimizer + learning-rate schedule built from them.
 
-The config is duck-typed (any object with the fields of
-:class:`flaxlab.train.config.OptimizerConfig`), so this module does not depend on ``train``.
+:class:`OptimizerConfig` holds what every optimizer shares (peak learning rate, warm-up and
+decay, weight decay, clipping, accumulation); each optimizer's own settings nest under its name
+(``optimizer.adamw.b2``, ``optimizer.sgd.momentum``, ``optimizer.amos.rules``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import optax
 
-from flaxlab.optim.amos_defaults import amos_with_defaults
+from flaxlab.optim.amos.defaults import amos_with_defaults
+from flaxlab.optim.amos.rules import load_rules_file
+
+OPTIMIZERS = ("adamw", "sgd", "amos")
+DECAYS = ("cosine", "linear", "constant")
 
 
-def peak_learning_rate(config, total_steps: int) -> float:
-    """The schedule's peak: ``learning_rate``; for Amos, ``amos_learning_rate`` (its ``xi``)
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """AdamW's moments: ``b1``, ``b2`` and ``eps`` (optax.adamw)."""
+
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    """SGD's heavy-ball ``momentum`` (0: none) and Nesterov's variant."""
+
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AmosConfig:
+    """Amos settings (see :func:`flaxlab.optim.amos`; defaults are the paper's BERT settings).
+
+    Attributes:
+      learning_rate: the global learning rate ``xi`` (default: the paper's rule
+        ``1 / sqrt(train.steps)``); ``optimizer.learning_rate`` is not used by Amos.
+      beta, momentum, clip_value, extra_l2: as :func:`flaxlab.optim.amos` (momentum 0.9 and
+        elementwise clip 1.0 as the paper; ``none`` turns either off).
+      rules: a JSON or TOML file of per-parameter rules ``{name pattern: {eta, shape}}``
+        tried before the defaults (:func:`flaxlab.optim.amos.load_rules_file`).
+    """
+
+    learning_rate: float | None = None
+    beta: float = 0.999
+    momentum: float | None = 0.9
+    clip_value: float | None = 1.0
+    extra_l2: float = 0.0
+    rules: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+      name: ``adamw``, ``sgd`` or ``amos``; its own settings are under ``adamw``, ``sgd`` or
+        ``amos``.
+      learning_rate: peak learning rate (Amos: ``amos.learning_rate`` instead).
+      warmup_steps: linear warm-up from 0 to the peak.
+      decay: after warm-up, ``cosine``, ``linear`` or ``constant``.
+      end_learning_rate_factor: final learning rate as a fraction of the peak.
+      weight_decay: decoupled weight decay on kernels (AdamW, SGD); Amos decays adaptively.
+      grad_clip_norm: clip the global gradient norm to this (None: no clipping).
+      grad_accum_steps: split each batch into this many micro-batches and average their
+        gradients.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    end_learning_rate_factor: float = 0.0
+    weight_decay: float = 1e-4
+    grad_clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
+    sgd: SGDConfig = dataclasses.field(default_factory=SGDConfig)
+    amos: AmosConfig = dataclasses.field(default_factory=AmosConfig)
+
+    def __post_init__(self):
+        for field, value, accepted in (
+            ("optimizer.name", self.name, OPTIMIZERS),
+            ("optimizer.decay", self.decay, DECAYS),
+        ):
+            if value not in accepted:
+                raise ValueError(f"{field}={value!r} is not supported; accepted: {list(accepted)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"optimizer.learning_rate={self.learning_rate} must be > 0")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"optimizer.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError(f"optimizer.grad_clip_norm={self.grad_clip_norm} must be > 0")
+
+
+def peak_learning_rate(config: OptimizerConfig, total_steps: int) -> float:
+    """The schedule's peak: ``learning_rate``; for Amos, ``amos.learning_rate`` (its ``xi``)
     or, when that is unset, the paper's rule ``xi = 1 / sqrt(number of batches)``."""
     if config.name == "amos":
-        xi = getattr(config, "amos_learning_rate", None)
+        xi = config.amos.learning_rate
         return float(xi) if xi is not None else 1.0 / math.sqrt(max(total_steps, 1))
     return config.learning_rate
 
 
-def make_schedule(config, total_steps: int) -> optax.Schedule:
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to the peak learning rate, then cosine, linear or constant decay.
 
     The decay runs over the steps after warmup and ends at ``peak * end_learning_rate_factor``.
@@ -42,8 +130,7 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
         after = optax.constant_schedule(peak)
     else:
         raise ValueError(
-            f"optimizer.decay={config.decay!r} is not supported; "
-            "accepted: ['cosine', 'linear', 'constant']"
+            f"optimizer.decay={config.decay!r} is not supported; accepted: {list(DECAYS)}"
         )
     if warmup == 0:
         return after
@@ -62,48 +149,50 @@ def kernel_mask(params):
 
 
 def make_optimizer(
-    config, total_steps: int, params=None, decay_mask=None
+    config: OptimizerConfig, total_steps: int, params=None, decay_mask=None
 ) -> optax.GradientTransformation:
     """The optimizer named by ``config.name`` with global-norm clipping in front.
 
     Args:
-      config: optimizer settings (see :class:`flaxlab.train.config.OptimizerConfig`).
+      config: optimizer settings.
       total_steps: training length, for the schedule.
-      params: the parameter tree (Amos derives its per-parameter rules from it).
+      params: the parameter tree (unused; Amos derives its rules from the tree at ``init``).
       decay_mask: which parameters weight decay applies to (a pytree of bools or a function
         of the parameters); default :func:`kernel_mask`.
     """
+    del params
     mask = decay_mask or kernel_mask
     schedule = make_schedule(config, total_steps)
     if config.name == "adamw":
+        a = config.adamw
         tx = optax.adamw(
-            schedule,
-            b1=config.b1,
-            b2=config.b2,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            mask=mask,
+            schedule, b1=a.b1, b2=a.b2, eps=a.eps, weight_decay=config.weight_decay, mask=mask
         )
     elif config.name == "sgd":
+        s = config.sgd
         tx = optax.chain(
             optax.add_decayed_weights(config.weight_decay, mask=mask),
-            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+            optax.sgd(schedule, momentum=s.momentum or None, nesterov=s.nesterov),
         )
     elif config.name == "amos":
         # Default rules derived from each parameter's name and shape (fan-in eta, factored
-        # slots); Amos decays weights adaptively, so `weight_decay` does not apply.
+        # slots), after the rules file's; Amos decays weights adaptively, so `weight_decay`
+        # does not apply.
+        a = config.amos
+        eta, shape = load_rules_file(a.rules) if a.rules else ({}, {})
         tx = amos_with_defaults(
             schedule,
-            beta=config.amos_beta,
-            momentum=config.amos_momentum,
-            clip_value=config.amos_clip_value,
-            extra_l2=config.amos_extra_l2,
+            eta_overrides=eta,
+            shape_overrides=shape,
+            beta=a.beta,
+            momentum=a.momentum,
+            clip_value=a.clip_value,
+            extra_l2=a.extra_l2,
         )
     else:
-        raise ValueError(f"optimizer.name={config.name!r} is not supported; accepted: {OPTIMIZERS}")
+        raise ValueError(
+            f"optimizer.name={config.name!r} is not supported; accepted: {list(OPTIMIZERS)}"
+        )
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx
-
-
-OPTIMIZERS = ["adamw", "sgd", "amos"]

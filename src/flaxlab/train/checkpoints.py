@@ -24,7 +24,30 @@ log = logging.getLogger("flaxlab")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read (corrupt, partial, or of another model)."""
+    """A checkpoint could not be read (corrupt, partial, or of another model).
+
+    ``cause`` says why in a few words (for one-line reports).
+    """
+
+    def __init__(self, message: str, cause: str | None = None):
+        super().__init__(message)
+        self.cause = cause or message
+
+
+def describe_failure(error: BaseException) -> str:
+    """A few words on why orbax/TensorStore could not read a checkpoint (their messages carry
+    whole JSON specs)."""
+    text = f"{type(error).__name__}: {error}"
+    low = text.lower()
+    if "not found" in low or "no such file" in low or "does not exist" in low:
+        return "files are missing"
+    if "checksum" in low or "corrupt" in low or "decod" in low or "invalid" in low:
+        return "its data files are corrupt"
+    if "shape" in low or "dtype" in low:
+        return "its arrays do not fit this model"
+    first = text.splitlines()[0]
+    cut = first.find("{")
+    return (first[:cut] if cut > 0 else first)[:120].strip(" :;,")
 
 
 def _key_name(entry) -> str:
@@ -75,6 +98,8 @@ class Checkpointer:
             max_to_keep=keep, create=not read_only, read_only=read_only
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.read_only = read_only
+        self.damaged: list[int] = []  # steps the last restore_latest could not read
 
     def steps(self) -> list[int]:
         self.manager.reload()
@@ -105,7 +130,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint of step {step} in {self.directory}; available: {self.steps()}"
             )
-        restore = {
+        restore: dict[str, Any] = {
             name: ocp.args.StandardRestore(abstract_flat(tree, sharding))
             for name, tree in templates.items()
             if name != "meta"
@@ -115,9 +140,9 @@ class Checkpointer:
         try:
             result = self.manager.restore(step, args=ocp.args.Composite(**restore))
         except Exception as error:  # orbax raises many types for damaged files
+            cause = describe_failure(error)
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} is unreadable "
-                f"({type(error).__name__}: {str(error)[:300]})"
+                f"checkpoint {self.directory / str(step)} is unreadable ({cause})", cause
             ) from error
         out = {}
         for name, tree in templates.items():
@@ -128,11 +153,49 @@ class Checkpointer:
     def restore_latest(self, templates: dict[str, Any], sharding=None):
         """``(step, items)`` of the newest readable checkpoint, or ``(None, None)`` if none.
 
-        A damaged newest checkpoint is reported and the previous one used instead.
+        A damaged newest checkpoint is reported in one line (which checkpoint, why in a few
+        words, which one is used instead) and the previous one used; the damaged steps are
+        listed in ``self.damaged``.
         """
-        for step in reversed(self.steps()):
+        self.damaged = []
+        steps = self.steps()
+        for i, step in enumerate(reversed(steps)):
             try:
-                return step, self.restore_step(step, templates, sharding)
+                items = self.restore_step(step, templates, sharding)
             except CheckpointError as error:
-                log.warning("%s; falling back to the previous checkpoint", error)
+                self.damaged.append(step)
+                older = steps[: len(steps) - i - 1]
+                instead = f"using step {older[-1]} instead" if older else "no older one to use"
+                log.warning(
+                    "checkpoint %s is unreadable (%s); %s",
+                    self.directory / str(step),
+                    error.cause,
+                    instead,
+                )
+                continue
+            return step, items
         return None, None
+
+    def set_aside_damaged(self) -> list[Path]:
+        """Moves the checkpoints the last :meth:`restore_latest` could not read to
+        ``<step>.damaged`` (``<step>.damaged.1``, ... if taken), where they stay for inspection
+        and no longer block a new save of that step. Returns the new paths."""
+        if self.read_only:
+            raise CheckpointError("a read-only Checkpointer moves nothing")
+        moved = []
+        for step in self.damaged:
+            source = self.directory / str(step)
+            if not source.exists():
+                continue
+            target = self.directory / f"{step}.damaged"
+            n = 0
+            while target.exists():
+                n += 1
+                target = self.directory / f"{step}.damaged.{n}"
+            source.rename(target)
+            log.warning("moved the unreadable checkpoint %s aside to %s", source, target.name)
+            moved.append(target)
+        if moved:
+            self.manager.reload()
+        self.damaged = []
+        return moved

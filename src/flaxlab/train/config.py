@@ -1,8 +1,10 @@
 """The experiment configuration: frozen dataclasses, JSON round trip, ``--set`` overrides.
 
-An :class:`ExperimentConfig` names a model family (whose config dataclass is ``model``), a task
-and the data, optimizer and training settings. It is written to ``config.json`` in the work
-directory so that ``flaxlab eval`` and ``flaxlab predict`` rebuild exactly the trained model.
+An :class:`ExperimentConfig` names a model family; ``model`` is that family's config dataclass
+and ``task`` its task's settings (``Task.Config``); ``data``, ``optimizer`` and ``train`` are
+shared by every family. It is written to ``config.json`` in the work directory (with a
+``version``) so that ``flaxlab eval`` and ``flaxlab predict`` rebuild exactly the trained model;
+files written by earlier versions are migrated when read (:func:`migrate`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import typing
 from typing import Any
 
 from flaxlab.data.factory import data_source_names
-from flaxlab.models.registry import model_config_class
-from flaxlab.optim.factory import OPTIMIZERS
+from flaxlab.models.registry import family as model_family
+from flaxlab.models.registry import task_class
+from flaxlab.optim.factory import OptimizerConfig
+
+CONFIG_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,48 +54,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer and learning-rate schedule.
-
-    Attributes:
-      name: ``adamw``, ``sgd`` (with momentum) or ``amos``.
-      learning_rate: peak learning rate (Amos: its global scale ``xi``).
-      warmup_steps: linear warmup from 0 to the peak.
-      decay: after warmup, ``cosine``, ``linear`` or ``constant``.
-      end_learning_rate_factor: final learning rate as a fraction of the peak.
-      weight_decay: decoupled weight decay (AdamW, SGD); Amos decays adaptively itself.
-      b1, b2, eps: Adam moments.
-      momentum, nesterov: SGD momentum.
-      grad_clip_norm: clip the global gradient norm to this (None: no clipping).
-      grad_accum_steps: split each batch into this many micro-batches and sum their gradients.
-      amos_learning_rate: Amos's global learning rate ``xi`` (default: the paper's rule
-        ``1 / sqrt(train.steps)``); ``learning_rate`` is not used by Amos.
-      amos_beta, amos_momentum, amos_clip_value, amos_extra_l2: Amos settings (see
-        :func:`flaxlab.optim.amos`; defaults are the paper's BERT settings: momentum 0.9,
-        elementwise clip 1.0).
-    """
-
-    name: str = "adamw"
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    decay: str = "cosine"
-    end_learning_rate_factor: float = 0.0
-    weight_decay: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
-    grad_clip_norm: float | None = 1.0
-    grad_accum_steps: int = 1
-    amos_learning_rate: float | None = None
-    amos_beta: float = 0.999
-    amos_momentum: float | None = 0.9
-    amos_clip_value: float | None = 1.0
-    amos_extra_l2: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop.
 
@@ -101,13 +64,12 @@ class TrainConfig:
       eval_every: evaluate every N steps (0: only at the end).
       checkpoint_every: save a checkpoint every N steps (and at the end).
       keep_checkpoints: keep the last K checkpoints.
-      label_smoothing: classification label smoothing.
       ema_decay: keep an exponential moving average of the parameters (0: off); evaluation
         and prediction then use the average.
       warm_start: a work directory or checkpoint directory to initialise from.
       warm_start_optimizer: also take the optimizer state (e.g. Amos slots) from it.
-      best_metric, best_mode, keep_best: ``flaxlab eval --watch`` keeps the best K checkpoints
-        by this evaluation metric (``max`` or ``min``).
+      keep_best: ``flaxlab eval --watch`` keeps the best K checkpoints by the task's
+        ``task.best_metric``.
       tensorboard: also write TensorBoard event files (needs the ``tb`` extra).
     """
 
@@ -117,40 +79,43 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    label_smoothing: float = 0.0
     ema_decay: float = 0.0
     warm_start: str | None = None
     warm_start_optimizer: bool = False
-    best_metric: str = "accuracy"
-    best_mode: str = "max"
     keep_best: int = 1
     tensorboard: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment: model family + task + data + optimizer + training loop."""
+    """A whole experiment: model family + its model and task settings + data, optimizer, loop.
+
+    ``task`` defaults to the family task's default settings (``Task.Config()``).
+    """
 
     family: str
-    task: str
     model: Any
+    task: Any = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     description: str = ""
 
     def __post_init__(self):
+        task_config = task_class(self.family).Config
+        if self.task is None:
+            object.__setattr__(self, "task", task_config())
+        elif not isinstance(self.task, task_config):
+            raise ValueError(
+                f"the task settings of family {self.family!r} are a {task_config.__name__}, "
+                f"got {type(self.task).__name__}"
+            )
         validate(self)
 
 
 def validate(config: ExperimentConfig) -> None:
     """Checks the values that the dataclasses' types cannot."""
-    choices = {
-        "optimizer.name": (config.optimizer.name, tuple(OPTIMIZERS)),
-        "optimizer.decay": (config.optimizer.decay, ("cosine", "linear", "constant")),
-        "train.best_mode": (config.train.best_mode, ("max", "min")),
-        "data.name": (config.data.name, tuple(data_source_names())),
-    }
+    choices = {"data.name": (config.data.name, tuple(data_source_names()))}
     for field, (value, accepted) in choices.items():
         if value not in accepted:
             raise ValueError(f"{field}={value!r} is not supported; accepted: {list(accepted)}")
@@ -173,18 +138,18 @@ def validate(config: ExperimentConfig) -> None:
         )
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={config.train.ema_decay} must be in [0, 1)")
-    if not 0.0 <= config.train.label_smoothing < 1.0:
-        raise ValueError(f"train.label_smoothing={config.train.label_smoothing} must be in [0, 1)")
-    if config.optimizer.learning_rate <= 0:
-        raise ValueError(f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
 
 
 # ----------------------------------------------------------------------------- JSON round trip
 
 
 def to_dict(config) -> dict[str, Any]:
-    """A dataclass tree as plain JSON-able dicts (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """A dataclass tree as plain JSON-able dicts (tuples become lists); an
+    :class:`ExperimentConfig` also gets the format ``version``."""
+    out = json.loads(json.dumps(dataclasses.asdict(config)))
+    if isinstance(config, ExperimentConfig):
+        out["version"] = CONFIG_VERSION
+    return out
 
 
 def _coerce(value, hint):
@@ -210,14 +175,67 @@ def dataclass_from_dict(cls, data: dict[str, Any]):
 
 
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Inverse of :func:`to_dict` for an :class:`ExperimentConfig`."""
-    data = dict(data)
-    model_cls = model_config_class(data["family"])
-    data["model"] = dataclass_from_dict(model_cls, data["model"])
+    """Inverse of :func:`to_dict` for an :class:`ExperimentConfig` (any version: older files
+    are migrated first)."""
+    data = migrate(data)
+    data.pop("version", None)
+    family = model_family(data["family"])
+    data["model"] = dataclass_from_dict(family.Config, data["model"])
+    if data.get("task") is not None:
+        data["task"] = dataclass_from_dict(family.Task.Config, data["task"])
     for key, cls in (("data", DataConfig), ("optimizer", OptimizerConfig), ("train", TrainConfig)):
         if key in data:
             data[key] = dataclass_from_dict(cls, data[key])
     return ExperimentConfig(**data)
+
+
+# Version 1 (flaxlab 0.1) kept optimizer-specific and task-specific settings flat.
+_V1_OPTIMIZER_FIELDS = {
+    "b1": ("adamw", "b1"),
+    "b2": ("adamw", "b2"),
+    "eps": ("adamw", "eps"),
+    "momentum": ("sgd", "momentum"),
+    "nesterov": ("sgd", "nesterov"),
+    "amos_learning_rate": ("amos", "learning_rate"),
+    "amos_beta": ("amos", "beta"),
+    "amos_momentum": ("amos", "momentum"),
+    "amos_clip_value": ("amos", "clip_value"),
+    "amos_extra_l2": ("amos", "extra_l2"),
+}
+_V1_TASK_FIELDS = ("label_smoothing", "best_metric", "best_mode")
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` dict of any earlier version in the current layout (a new dict).
+
+    Version 1: ``optimizer.b1`` -> ``optimizer.adamw.b1`` (``b2``, ``eps``), ``momentum`` and
+    ``nesterov`` -> ``optimizer.sgd.*``, ``amos_<x>`` -> ``optimizer.amos.<x>``;
+    ``task: "<name>"`` and ``train.{label_smoothing, best_metric, best_mode}`` -> the family
+    task's settings ``task.*`` (a setting that task does not have is dropped if it is the old
+    default, refused otherwise).
+    """
+    data = json.loads(json.dumps(data))
+    if data.get("version", 1) >= CONFIG_VERSION:
+        return data
+    optimizer = data.get("optimizer", {})
+    for old, (group, new) in _V1_OPTIMIZER_FIELDS.items():
+        if old in optimizer:
+            optimizer.setdefault(group, {})[new] = optimizer.pop(old)
+    train = data.get("train", {})
+    old_task = {k: train.pop(k) for k in _V1_TASK_FIELDS if k in train}
+    fields = {f.name for f in dataclasses.fields(task_class(data["family"]).Config)}
+    task = {}
+    for key, value in old_task.items():
+        if key in fields:
+            task[key] = value
+        elif not (key == "label_smoothing" and value == 0.0):
+            raise ValueError(
+                f"config.json of version 1 sets train.{key}={value!r}, which the task of "
+                f"family {data['family']!r} does not have"
+            )
+    data["task"] = task
+    data["version"] = CONFIG_VERSION
+    return data
 
 
 # ----------------------------------------------------------------------------- --set overrides
@@ -299,6 +317,20 @@ def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> Experimen
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r} must look like field.path=value")
-        path, text = item.split("=", 1)
-        config = apply_override(config, path.strip(), text.strip())
+        path, text = (part.strip() for part in item.split("=", 1))
+        if path in MOVED_FIELDS:
+            raise ValueError(
+                f"{path!r} is now {MOVED_FIELDS[path]!r}: --set {MOVED_FIELDS[path]}=..."
+            )
+        config = apply_override(config, path, text)
     return config
+
+
+# Version-1 field paths that moved, for a helpful error on an old --set.
+MOVED_FIELDS = {
+    **{
+        f"optimizer.{old}": f"optimizer.{group}.{new}"
+        for old, (group, new) in _V1_OPTIMIZER_FIELDS.items()
+    },
+    **{f"train.{name}": f"task.{name}" for name in _V1_TASK_FIELDS},
+}

@@ -1,24 +1,48 @@
-"""The Task protocol — the estimator's only view of a model family — and image classification.
+"""The Task protocol (the estimator's only view of a model family), its base class and config.
 
 A task knows its model and its loss; the estimator knows everything else (loop, optimizer,
-sharding, checkpoints, metrics, resumption). Adding a model family is a module in ``models/``,
-a task (often :class:`ClassificationTask` as it is) and presets in ``configs/``.
+sharding, checkpoints, metrics, resumption). Each model family exposes its task as ``Task`` in
+its module (:mod:`flaxlab.models.registry`), with its settings as ``Task.Config``, a frozen
+dataclass that sits in ``ExperimentConfig.task`` (``--set task.label_smoothing=0.1``).
+
+Every hook the estimator calls is declared in :class:`Task`; :class:`TaskBase` gives the
+optional ones their defaults, so a family implements ``loss``, ``evaluate`` and ``predict``
+(and ``init_model`` when its model is not built as ``Model(config.model, rngs=rngs)``).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Protocol, runtime_checkable
+import abc
+import dataclasses
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flaxlab.models.registry import model_class
-
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+BEST_MODES = ("max", "min")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Settings every task has.
+
+    Attributes:
+      best_metric: the evaluation metric that ranks checkpoints (``flaxlab eval --watch`` keeps
+        the best ones) and that the last line of ``flaxlab train`` states.
+      best_mode: ``max`` or ``min``: whether larger or smaller ``best_metric`` is better.
+    """
+
+    best_metric: str = "loss"
+    best_mode: str = "min"
+
+    def __post_init__(self):
+        if self.best_mode not in BEST_MODES:
+            raise ValueError(
+                f"task.best_mode={self.best_mode!r} is not supported; accepted: {list(BEST_MODES)}"
+            )
 
 
 @runtime_checkable
@@ -29,10 +53,23 @@ class Task(Protocol):
     * ``loss(model, batch, rngs)`` returns the scalar training loss and a dict of scalar metrics
       (averaged over the batch). ``rngs`` has ``dropout`` and ``sample`` streams.
     * ``evaluate(model, batch)`` returns *summed* metrics over the batch's real examples
-      (``batch["mask"]``) and their ``count``; the estimator adds them up over the evaluation set
-      and calls ``summarize`` (default: every sum divided by ``count``).
-    * ``predict(model, batch)`` returns per-example arrays written by ``flaxlab predict``.
+      (``batch["mask"]``) and their ``count``; the estimator adds them up over the evaluation
+      set and calls ``summarize``.
+    * ``predict(model, batch)`` returns per-example arrays; ``flaxlab predict`` writes exactly
+      these (rows of padding removed) to an ``.npz`` file.
+
+    Hooks (defaults in :class:`TaskBase`):
+
+    * ``weight_decay_mask(params)``: which parameters weight decay applies to (None: kernels).
+    * ``wrap_optimizer(tx)``: the optimizer the estimator uses, built around ``tx`` (per-group
+      learning rates, frozen parameters).
+    * ``gradient_clip_mask(params)``: which gradients global-norm clipping measures and scales
+      (None: all).
+    * ``summarize(sums)``: the evaluation metrics from the summed ones.
+    * ``headline(metrics)``: one line stating the task's main result.
     """
+
+    config: Any
 
     def init_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
 
@@ -42,97 +79,73 @@ class Task(Protocol):
 
     def predict(self, model, batch: Batch) -> dict[str, jax.Array]: ...
 
+    def weight_decay_mask(self, params) -> Any: ...
 
-def summarize(task, sums: dict[str, float]) -> dict[str, float]:
-    """The task's own summary of summed evaluation metrics, or sums divided by the count."""
-    if hasattr(task, "summarize"):
-        return task.summarize(sums)
-    count = max(float(sums.get("count", 0.0)), 1.0)
-    out = {k: float(v) / count for k, v in sums.items() if k != "count"}
-    out["count"] = float(sums.get("count", 0.0))
-    return out
+    def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation: ...
 
+    def gradient_clip_mask(self, params) -> Any: ...
 
-def split_model_output(output) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Models return logits, or ``(logits, aux)`` where aux may hold ``aux_loss`` and metrics."""
-    if isinstance(output, tuple):
-        logits, aux = output
-        return logits, dict(aux)
-    return output, {}
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+    def headline(self, metrics: dict[str, float]) -> str: ...
 
 
-class ClassificationTask:
-    """Image classification with softmax cross-entropy (optionally label-smoothed).
+class TaskBase(abc.ABC):
+    """Defaults of the optional hooks; subclasses set ``Config`` and the three required methods.
 
-    Batches are ``{"image": float [B, H, W, C] in [-1, 1], "label": int [B]}`` (plus ``mask``
-    for evaluation). Models may return ``(logits, aux)``; ``aux["aux_loss"]`` (e.g. MoE load
-    balancing) is added to the training loss and the other aux entries become metrics.
+    Args:
+      config: the :class:`~flaxlab.train.config.ExperimentConfig`; ``config.task`` is an
+        instance of ``type(self).Config``.
     """
+
+    Config: ClassVar[type] = TaskConfig
 
     def __init__(self, config):
         self.config = config
-        self.model_cls = model_class(config.family)
-        self.label_smoothing = config.train.label_smoothing
+
+    @property
+    def settings(self):
+        """This task's own settings (``config.task``)."""
+        return self.config.task
 
     def init_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self.model_cls(self.config.model, rngs=rngs)
+        """``Model(config.model, rngs=rngs)`` with the family's registered model class."""
+        from flaxlab.models.registry import model_class
 
-    def loss(self, model, batch: Batch, rngs: nnx.Rngs):
-        logits, aux = split_model_output(model(batch["image"], deterministic=False, rngs=rngs))
-        num_classes = logits.shape[-1]
-        labels = batch["label"]
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), self.label_smoothing)
-        ce = optax.softmax_cross_entropy(logits, targets).mean()
-        metrics = {
-            "cross_entropy": ce,
-            "accuracy": (logits.argmax(-1) == labels).mean(),
-        }
-        aux_loss = aux.pop("aux_loss", jnp.zeros(()))
-        for key, value in aux.items():
-            value = jnp.asarray(value)
-            if value.ndim == 0:
-                metrics[key] = value
-            else:  # e.g. per-expert load: one metric per entry
-                for i, v in enumerate(value.reshape(-1)):
-                    metrics[f"{key}_{i}"] = v
-        loss = ce + aux_loss
-        metrics["loss"] = loss
-        return loss, metrics
+        return model_class(self.config.family)(self.config.model, rngs=rngs)
 
+    @abc.abstractmethod
+    def loss(self, model, batch: Batch, rngs: nnx.Rngs) -> tuple[jax.Array, Metrics]:
+        """The scalar training loss and a dict of scalar metrics (batch means)."""
+
+    @abc.abstractmethod
     def evaluate(self, model, batch: Batch) -> Metrics:
-        logits, _ = split_model_output(model(batch["image"], deterministic=True))
-        mask = batch["mask"].astype(jnp.float32)
-        labels = batch["label"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "loss": (ce * mask).sum(),
-            "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
-            "count": mask.sum(),
-        }
+        """Summed metrics over the batch's real examples and their ``count``."""
 
+    @abc.abstractmethod
     def predict(self, model, batch: Batch) -> dict[str, jax.Array]:
-        logits, _ = split_model_output(model(batch["image"], deterministic=True))
-        return {"prediction": logits.argmax(-1), "probabilities": jax.nn.softmax(logits)}
+        """Per-example arrays, as ``flaxlab predict`` writes them."""
 
+    def weight_decay_mask(self, params) -> Any:
+        """None: weight decay on kernels and embeddings (``flaxlab.optim.factory.kernel_mask``)."""
+        return None
 
-_TASKS: dict[str, Any] = {
-    "classification": ClassificationTask,
-    "vdm": "flaxlab.train.vdm_task:VDMTask",
-    "lm": "flaxlab.train.lm_task:LMTask",
-}
+    def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        return tx
 
+    def gradient_clip_mask(self, params) -> Any:
+        """None: global-norm clipping measures and scales every gradient."""
+        return None
 
-def register_task(name: str, factory) -> None:
-    """Registers a task class (or ``"module:Class"`` string) under ``name``."""
-    _TASKS[name] = factory
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Every sum divided by ``count`` (which is kept as it is)."""
+        count = max(float(sums.get("count", 0.0)), 1.0)
+        out = {k: float(v) / count for k, v in sums.items() if k != "count"}
+        out["count"] = float(sums.get("count", 0.0))
+        return out
 
-
-def make_task(config) -> Task:
-    """The task named by ``config.task``, built from the experiment config."""
-    if config.task not in _TASKS:
-        raise ValueError(f"unknown task {config.task!r}; accepted: {sorted(_TASKS)}")
-    factory = _TASKS[config.task]
-    if isinstance(factory, str):
-        module, attr = factory.split(":")
-        factory = getattr(importlib.import_module(module), attr)
-    return factory(config)
+    def headline(self, metrics: dict[str, float]) -> str:
+        """``"<best_metric>: <value>"``."""
+        name = self.settings.best_metric
+        value = metrics.get(name)
+        return f"{name}: {value:.4f}" if value is not None else f"{name}: not measured"
