@@ -22,9 +22,19 @@ from flaxlab.optim.factory import (
     make_optimizer,
     make_schedule,
 )
+from flaxlab.optim.sharpness import (
+    SHARPNESS_KINDS,
+    SharpnessGradient,
+    gsam_gradient,
+    gsam_rho,
+    sam_gradient,
+    sharpness_gradient,
+)
 
 __all__ = [
     "OPTIMIZERS",
+    "SHARPNESS_KINDS",
+    "SharpnessGradient",
     "AdamWConfig",
     "AmosConfig",
     "AmosState",
@@ -36,10 +46,14 @@ __all__ = [
     "amos_with_defaults",
     "default_eta_fn",
     "default_shape_fn",
+    "gsam_gradient",
+    "gsam_rho",
     "evaluate_shape_expression",
     "load_rules_file",
     "make_optimizer",
     "make_schedule",
     "params_fn_from_assign_map",
+    "sam_gradient",
     "scale_by_amos",
+    "sharpness_gradient",
 ]

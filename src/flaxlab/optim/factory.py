@@ -15,6 +15,7 @@ import optax
 
 from flaxlab.optim.amos.defaults import amos_with_defaults
 from flaxlab.optim.amos.rules import load_rules_file
+from flaxlab.optim.sharpness import SHARPNESS_KINDS
 
 OPTIMIZERS = ("adamw", "sgd", "amos")
 DECAYS = ("cosine", "linear", "constant")
@@ -73,6 +74,15 @@ class OptimizerConfig:
       grad_clip_norm: clip the global gradient norm to this (None: no clipping).
       grad_accum_steps: split each batch into this many micro-batches and average their
         gradients.
+      sharpness: ``none``, ``sam`` or ``gsam`` (:mod:`flaxlab.optim.sharpness`): the gradient
+        at the worst nearby point, with any optimizer.
+      rho_max, rho_min: the perturbation radius follows the learning rate from ``rho_max`` at
+        the peak to ``rho_min`` (None: ``rho_max``) at the end (GSAM's rule; SAM with
+        ``rho_min = rho_max`` is a constant radius).
+      alpha: GSAM's weight on the surrogate gap's direction (``sam`` ignores it).
+      adaptive: scale the perturbation by ``|w|`` (the reference's adaptive perturbation).
+      sharpness_scope: ``device`` (each device perturbs with its own share of the batch,
+        "m-sharpness", as the reference) or ``global`` (the whole batch).
     """
 
     name: str = "adamw"
@@ -86,11 +96,19 @@ class OptimizerConfig:
     adamw: AdamWConfig = dataclasses.field(default_factory=AdamWConfig)
     sgd: SGDConfig = dataclasses.field(default_factory=SGDConfig)
     amos: AmosConfig = dataclasses.field(default_factory=AmosConfig)
+    sharpness: str = "none"
+    rho_max: float = 0.05
+    rho_min: float | None = None
+    alpha: float = 0.6
+    adaptive: bool = False
+    sharpness_scope: str = "device"
 
     def __post_init__(self):
         for field, value, accepted in (
             ("optimizer.name", self.name, OPTIMIZERS),
             ("optimizer.decay", self.decay, DECAYS),
+            ("optimizer.sharpness", self.sharpness, SHARPNESS_KINDS),
+            ("optimizer.sharpness_scope", self.sharpness_scope, ("device", "global")),
         ):
             if value not in accepted:
                 raise ValueError(f"{field}={value!r} is not supported; accepted: {list(accepted)}")
@@ -100,6 +118,10 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.grad_accum_steps={self.grad_accum_steps} must be >= 1")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"optimizer.grad_clip_norm={self.grad_clip_norm} must be > 0")
+        if self.rho_max < 0 or (self.rho_min is not None and self.rho_min < 0):
+            raise ValueError(
+                f"optimizer.rho_max={self.rho_max}, rho_min={self.rho_min} must be >= 0"
+            )
 
 
 def peak_learning_rate(config: OptimizerConfig, total_steps: int) -> float:

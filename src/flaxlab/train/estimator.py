@@ -26,12 +26,18 @@ from flax import nnx
 
 from flaxlab.data.factory import make_data
 from flaxlab.models.registry import task_class
-from flaxlab.optim.factory import make_optimizer, make_schedule
+from flaxlab.optim.factory import make_optimizer, make_schedule, peak_learning_rate
 from flaxlab.train import sharding as shd
 from flaxlab.train.checkpoints import Checkpointer, CheckpointError
 from flaxlab.train.config import ExperimentConfig
 from flaxlab.train.metrics import MetricsWriter, Progress, plot_curves, read_jsonl
-from flaxlab.train.step import make_init_fn, make_model_step, make_train_step, split_model
+from flaxlab.train.step import (
+    make_init_fn,
+    make_model_step,
+    make_sharpness_grad_fn,
+    make_train_step,
+    split_model,
+)
 from flaxlab.train.workdir import TrainingError, Workdir
 
 log = logging.getLogger("flaxlab")
@@ -170,6 +176,23 @@ class Estimator:
     def make_train_step(self):
         """The jitted train step (state donated), from the task's current hooks."""
         opt, cfg = self.config.optimizer, self.config.train
+        grad_fn = None
+        if opt.sharpness != "none":
+            peak = peak_learning_rate(opt, cfg.steps)
+            grad_fn = make_sharpness_grad_fn(
+                self.task,
+                self.graphdef,
+                kind=opt.sharpness,
+                rho_max=opt.rho_max,
+                rho_min=opt.rho_max if opt.rho_min is None else opt.rho_min,
+                alpha=opt.alpha,
+                adaptive=opt.adaptive,
+                schedule=self.schedule,
+                lr_max=peak,
+                lr_min=peak * opt.end_learning_rate_factor,
+                mesh=self.mesh,
+                scope=opt.sharpness_scope,
+            )
         step = make_train_step(
             self.task,
             self.tx,
@@ -180,6 +203,7 @@ class Estimator:
             grad_clip_norm=opt.grad_clip_norm,
             clip_mask=self.task.gradient_clip_mask(self.abstract_params),
             ema_decay=cfg.ema_decay,
+            grad_fn=grad_fn,
         )
         return jax.jit(step, donate_argnums=0)
 

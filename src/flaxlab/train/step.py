@@ -47,7 +47,7 @@ def make_init_fn(task, tx: optax.GradientTransformation, seed: int, ema: bool) -
 
 
 def make_grad_fn(task, graphdef) -> Callable:
-    """``grad_fn(params, rest, batch, key) -> ((loss, (metrics, rest)), grads)``.
+    """``grad_fn(params, rest, batch, key, step) -> ((loss, (metrics, rest)), grads)``.
 
     ``rngs`` for the task's loss are ``nnx.Rngs(key, dropout=fold_in(key, 1),
     sample=fold_in(key, 2))``. The model is rebuilt from ``params`` and ``rest`` inside the
@@ -62,11 +62,98 @@ def make_grad_fn(task, graphdef) -> Callable:
     # nnx.value_and_grad (not jax's) so that non-parameter state is carried out of the call.
     value_and_grad = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
 
-    def grad_fn(params, rest, batch, key):
+    def grad_fn(params, rest, batch, key, step=None):
+        del step
         model = nnx.merge(graphdef, params, rest)
         (loss, metrics), grads = value_and_grad(model, batch, key)
         _, _, new_rest = split_model(model)
         return (loss, (metrics, new_rest)), grads
+
+    return grad_fn
+
+
+def make_sharpness_grad_fn(
+    task,
+    graphdef,
+    *,
+    kind: str,
+    rho_max: float,
+    rho_min: float,
+    alpha: float,
+    adaptive: bool,
+    schedule: optax.Schedule,
+    lr_max: float,
+    lr_min: float,
+    mesh=None,
+    scope: str = "device",
+) -> Callable:
+    """A SAM or GSAM ``grad_fn`` (same signature as :func:`make_grad_fn`'s).
+
+    ``rho = gsam_rho(schedule(step), rho_max, rho_min, lr_max, lr_min)``; GSAM's ``alpha``
+    (SAM: 0). With ``scope="device"`` and a mesh whose ``data`` axis has several devices, each
+    device perturbs the parameters with the gradient of its own share of the batch
+    ("m-sharpness", as the reference), and the resulting gradients are averaged; with
+    ``scope="global"`` the perturbation uses the gradient of the whole batch. The metrics gain
+    ``surrogate_gap`` (``f(w + e) - f(w)``) and ``sharpness_rho``.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from flaxlab.optim.sharpness import gsam_rho, sharpness_gradient
+
+    if kind not in ("sam", "gsam"):
+        raise ValueError(f"optimizer.sharpness={kind!r}; accepted: ['none', 'sam', 'gsam']")
+    if scope not in ("device", "global"):
+        raise ValueError(f"optimizer.sharpness_scope={scope!r}; accepted: ['device', 'global']")
+    gsam_alpha = alpha if kind == "gsam" else 0.0
+
+    def loss_fn(params, rest, batch, key):
+        # Fresh variables for the non-parameter state: the model may update it (a FAVOR+
+        # counter), which NNX allows only on variables of the current trace.
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+        rngs = nnx.Rngs(key, dropout=jax.random.fold_in(key, 1), sample=jax.random.fold_in(key, 2))
+        loss, metrics = task.loss(model, batch, rngs)
+        _, _, new_rest = split_model(model)
+        return loss, (metrics, new_rest)
+
+    def compute(params, rest, batch, key, step):
+        rho = gsam_rho(
+            schedule(step), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min
+        )
+        out = sharpness_gradient(
+            loss_fn,
+            params,
+            rest,
+            batch,
+            key,
+            rho=rho,
+            alpha=gsam_alpha,
+            adaptive=adaptive,
+            has_aux=True,
+        )
+        metrics, new_rest = out.aux
+        metrics = dict(metrics, surrogate_gap=out.perturbed_loss - out.loss, sharpness_rho=rho)
+        return (out.loss, (metrics, new_rest)), out.grads
+
+    if scope == "global" or mesh is None or mesh.shape.get("data", 1) == 1:
+        return compute
+
+    def per_device(params, rest, batch, key, step):
+        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+        (loss, (metrics, new_rest)), grads = compute(params, rest, batch, key, step)
+        mean = lambda tree: jax.tree.map(lambda x: jax.lax.pmean(x, "data"), tree)
+        return (mean(loss), (mean(metrics), new_rest)), mean(grads)
+
+    batch_spec = P("data")
+    sharded = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(), batch_spec, P(), P()),
+        out_specs=P(),
+        check_vma=False,  # the model's non-parameter state is the same on every device
+    )
+
+    def grad_fn(params, rest, batch, key, step=None):
+        return sharded(params, rest, batch, key, step)
 
     return grad_fn
 
@@ -132,14 +219,15 @@ def make_train_step(
     grad_fn = grad_fn or make_grad_fn(task, graphdef)
     base_key = jax.random.key(seed)
 
-    def accumulate(params, rest, batch, key):
+    def accumulate(params, rest, batch, key, step):
         micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
         def body(carry, inputs):
             # params ride in the carry: NNX builds the model from this trace's values.
             grads_sum, rest, p = carry
             index, microbatch = inputs
-            (_, (m, rest)), g = grad_fn(p, rest, microbatch, jax.random.fold_in(key, index))
+            micro_key = jax.random.fold_in(key, index)
+            (_, (m, rest)), g = grad_fn(p, rest, microbatch, micro_key, step)
             return (jax.tree.map(jnp.add, grads_sum, g), rest, p), m
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -153,9 +241,9 @@ def make_train_step(
         params, rest, step = state["params"], state["rest"], state["step"]
         key = jax.random.fold_in(base_key, step)
         if grad_accum_steps == 1:
-            (_, (metrics, rest)), grads = grad_fn(params, rest, batch, key)
+            (_, (metrics, rest)), grads = grad_fn(params, rest, batch, key, step)
         else:
-            grads, rest, metrics = accumulate(params, rest, batch, key)
+            grads, rest, metrics = accumulate(params, rest, batch, key, step)
         grads, grad_norm = clip_by_global_norm(grads, grad_clip_norm, clip_mask)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
