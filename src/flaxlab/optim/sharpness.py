@@ -41,7 +41,10 @@ def _tree_norm(tree) -> jax.Array:
 
 def _tree_vdot(a, b) -> jax.Array:
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in pairs)
+    total = jnp.zeros((), jnp.float32)
+    for x, y in pairs:
+        total = total + jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+    return total
 
 
 class SharpnessGradient(NamedTuple):

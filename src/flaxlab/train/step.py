@@ -116,8 +116,8 @@ def make_sharpness_grad_fn(
         return loss, (metrics, new_rest)
 
     def compute(params, rest, batch, key, step):
-        rho = gsam_rho(
-            schedule(step), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min
+        rho = jnp.asarray(
+            gsam_rho(schedule(step), rho_max=rho_max, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
         )
         out = sharpness_gradient(
             loss_fn,

@@ -189,7 +189,9 @@ def _ndarray_bytes(arr: np.ndarray) -> bytes:
     if arr.dtype.hasobject or arr.dtype.fields is not None:
         raise TypeError(f"cannot store an array of dtype {arr.dtype} in a T5X checkpoint")
     arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
-    return msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C")), use_bin_type=True)
+    packed = msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C")), use_bin_type=True)
+    assert packed is not None
+    return packed
 
 
 def _pack_ext(obj: Any) -> Any:
@@ -252,7 +254,9 @@ def _sorted_tree(node: Any) -> Any:
 
 def encode_msgpack(contents: Mapping[str, Any]) -> bytes:
     """flax.serialization-compatible msgpack bytes of a tree of dicts, scalars and arrays."""
-    return msgpack.packb(contents, default=_pack_ext, strict_types=True, use_bin_type=True)
+    packed = msgpack.packb(contents, default=_pack_ext, strict_types=True, use_bin_type=True)
+    assert packed is not None
+    return packed
 
 
 def decode_msgpack(data: bytes) -> Any:
