@@ -13,15 +13,24 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from flaxlab.models.classification import ClassificationTask
 from flaxlab.models.common import check_images, parse_variant, resolve_dtype, to_pair
-from flaxlab.models.pretrained import count_blocks, dense_params, load_pretrained, norm_params
+from flaxlab.models.pretrained import (
+    assign_params,
+    count_blocks,
+    dense_params,
+    load_pretrained,
+    norm_params,
+    read_npz,
+)
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, drop_path, gelu
 
 # name: (hidden_size, num_blocks, tokens_mlp_dim, channels_mlp_dim), as in the reference.
@@ -140,7 +149,41 @@ class Mixer(nnx.Module):
         """This model's parameter tree from the official ``.npz`` arrays (the reference's keys:
         ``stem``, ``MixerBlock_<i>/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}``,
         ``pre_head_layer_norm``, ``head``)."""
-        return mixer_params_from_npz(arrays)
+        return mixer_params_from_npz({k.removeprefix("params/"): v for k, v in arrays.items()})
+
+    def pretrained_arrays(self) -> dict:
+        """This model's parameters in the reference's ``.npz`` layout."""
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+        return mixer_params_to_npz(params)
+
+    @classmethod
+    def from_pretrained(cls, path, *, num_classes: int | None = None, **overrides) -> Mixer:
+        """The Mixer a released ``.npz`` checkpoint describes, with its weights.
+
+        The token-mixing MLP fixes the number of patches, so the image size is the
+        checkpoint's (a Mixer cannot change resolution without retraining that MLP).
+
+        Args:
+          path: the ``.npz`` file (or a dict of its arrays).
+          num_classes: a new, zero-initialised head of this many classes (default: the
+            checkpoint's).
+          **overrides: other :class:`MixerConfig` fields (``dtype``, ``drop_path_rate``...).
+        """
+        arrays = {k.removeprefix("params/"): v for k, v in read_npz(path).items()}
+        fields = mixer_config_fields(arrays)
+        if num_classes is not None:
+            fields["num_classes"] = num_classes
+        elif "num_classes" not in fields:
+            raise ValueError("the checkpoint has no head: pass num_classes")
+        if "image_size" in overrides and tuple(overrides["image_size"]) != fields["image_size"]:
+            raise ValueError(
+                f"image_size={overrides['image_size']}: a Mixer runs at its checkpoint's "
+                f"resolution {fields['image_size']} (the token-mixing MLP fixes the patches)"
+            )
+        fields.update(overrides)
+        model = cls(MixerConfig(**fields), rngs=nnx.Rngs(0))
+        assign_params(model, model.pretrained_params(arrays))
+        return model
 
     def __call__(self, images, *, deterministic=True, rngs=None):
         c = self.config
@@ -170,12 +213,69 @@ def mixer_params_from_npz(arrays: dict[str, np.ndarray]) -> dict:
                 "fc2": dense_params(arrays, f"{b}channel_mixing/Dense_1"),
             },
         }
-    return {
+    params = {
         "stem": dense_params(arrays, "stem"),
         "blocks": blocks,
         "pre_head_norm": norm_params(arrays, "pre_head_layer_norm"),
-        "head": dense_params(arrays, "head"),
     }
+    if "head/kernel" in arrays:
+        params["head"] = dense_params(arrays, "head")
+    return params
+
+
+# flaxlab's module names -> the reference's, per block.
+_BLOCK_NAMES = {
+    "norm1": "LayerNorm_0",
+    "norm2": "LayerNorm_1",
+    "token_mixing": "token_mixing",
+    "channel_mixing": "channel_mixing",
+}
+
+
+def mixer_params_to_npz(params: dict) -> dict[str, np.ndarray]:
+    """A flaxlab Mixer's parameter tree in the reference's ``.npz`` layout (the inverse of
+    :func:`mixer_params_from_npz`)."""
+    out: dict[str, np.ndarray] = {}
+
+    def put(key, layer):
+        for name, value in layer.items():
+            out[f"{key}/{name}"] = np.asarray(value)
+
+    put("stem", params["stem"])
+    put("pre_head_layer_norm", params["pre_head_norm"])
+    if "head" in params:
+        put("head", params["head"])
+    for i, block in params["blocks"].items():
+        for ours, theirs in _BLOCK_NAMES.items():
+            key = MIXER_BLOCK.format(i=i) + theirs
+            if ours.endswith("mixing"):
+                put(f"{key}/Dense_0", block[ours]["fc1"])
+                put(f"{key}/Dense_1", block[ours]["fc2"])
+            else:
+                put(key, block[ours])
+    return out
+
+
+def mixer_config_fields(arrays: dict[str, np.ndarray]) -> dict:
+    """The :class:`MixerConfig` fields a checkpoint's arrays imply (square token grid)."""
+    kh, kw, channels, hidden = arrays["stem/kernel"].shape
+    block = MIXER_BLOCK.format(i=0)
+    tokens, tokens_mlp = arrays[f"{block}token_mixing/Dense_0/kernel"].shape
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"the checkpoint mixes {tokens} tokens, not a square grid")
+    fields = dict(
+        image_size=(side * kh, side * kw),
+        num_channels=channels,
+        patch_size=(kh, kw),
+        hidden_size=hidden,
+        num_blocks=count_blocks(arrays, r"MixerBlock_(\d+)/"),
+        tokens_mlp_dim=tokens_mlp,
+        channels_mlp_dim=arrays[f"{block}channel_mixing/Dense_0/kernel"].shape[1],
+    )
+    if "head/kernel" in arrays:
+        fields["num_classes"] = arrays["head/kernel"].shape[1]
+    return fields
 
 
 # The family of the model registry.
@@ -189,5 +289,7 @@ __all__ = [
     "Model",
     "Task",
     "load_pretrained",
+    "mixer_config_fields",
     "mixer_params_from_npz",
+    "mixer_params_to_npz",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
@@ -138,3 +139,22 @@ def assign_params(model: nnx.Module, loaded: dict, *, reset_head: bool | None = 
             node = node[int(part)] if isinstance(node, nnx.List) else getattr(node, part)
         variable = getattr(node, path[-1])
         variable[...] = np.asarray(value, dtype=variable[...].dtype)
+
+
+def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
+    """Writes a ViT or Mixer in the released ``.npz`` layout (``from_pretrained`` of the file
+    rebuilds the same model with identical outputs). The file appears complete or not at all
+    (written to a temporary name, then renamed)."""
+    if not hasattr(model, "pretrained_arrays"):
+        raise ValueError(
+            f"{type(model).__name__} has no official .npz layout; save_pretrained takes a ViT or "
+            "a Mixer"
+        )
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"save_pretrained writes an .npz file, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **model.pretrained_arrays())  # type: ignore[attr-defined]
+    tmp.replace(path)
+    return path

@@ -75,6 +75,17 @@ class SoftmaxKernel(nnx.Module):
         self.dropout_rate = config.dropout_rate
         self.implementation = config.implementation
 
+    def weights(self, q, k, *, mask=None, causal=False):
+        """The attention weights ``softmax(q k^T / sqrt(d))``: ``[batch, heads, q_len, k_len]``
+        (float32), for introspection."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        if causal:
+            tri = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+            logits = jnp.where(tri, logits, -1e30)
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None, :], logits, -1e30)
+        return jax.nn.softmax(logits, axis=-1)
+
     def __call__(self, q, k, v, *, mask=None, causal=False, deterministic=True, rngs=None):
         # mask: bool [batch, key_length], True = attend.
         bias_mask = None if mask is None else mask[:, None, None, :]
@@ -157,10 +168,25 @@ class MultiHeadAttention(nnx.Module):
         self.query, self.key, self.value, self.out = dense(), dense(), dense(), dense()
         self.kernel = make_attention_kernel(config, self.head_dim, rngs=rngs)
 
-    def __call__(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):
+    def __call__(
+        self, x, *, mask=None, causal=False, deterministic=True, rngs=None, return_weights=False
+    ):
+        """``[batch, length, hidden]`` outputs; with ``return_weights`` also the attention
+        weights ``[batch, heads, length, length]`` (exact kernels only; no dropout then)."""
         batch, length, _ = x.shape
         heads = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if return_weights:
+            weights_fn = getattr(self.kernel, "weights", None)
+            if weights_fn is None:
+                raise ValueError(
+                    f"attention weights are not available from a {type(self.kernel).__name__} "
+                    "(it never forms the length x length matrix); use attention.kind='softmax'"
+                )
+            weights = weights_fn(q, k, mask=mask, causal=causal)
+            y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+            out = self.out(y.reshape(batch, length, self.num_heads * self.head_dim))
+            return out, weights
         extra = {"rngs": rngs} if getattr(self.kernel, "takes_rngs", False) else {}
         y = self.kernel(q, k, v, mask=mask, causal=causal, deterministic=deterministic, **extra)
         return self.out(y.reshape(batch, length, self.num_heads * self.head_dim))

@@ -106,6 +106,15 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):
         kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
         y = self.attn(self.norm1(x), mask=mask, causal=causal, **kw)
+        return self._finish(x, y, kw)
+
+    def with_weights(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):
+        """``(x', attention weights [B, heads, L, L])`` (exact attention, for introspection)."""
+        kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
+        y, weights = self.attn(self.norm1(x), mask=mask, causal=causal, return_weights=True)
+        return self._finish(x, y, kw), weights
+
+    def _finish(self, x, y, kw):
         x = x + drop_path(self.dropout(y, **kw), self.drop_path_rate, **kw)
         y = self.mlp(self.norm2(x), **kw)
         return x + drop_path(y, self.drop_path_rate, **kw)
@@ -148,3 +157,14 @@ class Encoder(nnx.Module):
         for block in self.blocks:
             x = block(x, mask=mask, causal=causal, deterministic=deterministic, rngs=rngs)
         return self.encoder_norm(x)
+
+    def capture(self, x, *, mask=None, causal=False, deterministic=True, rngs=None):
+        """``(encoded, {"features": [each block's output], "attention": [each block's
+        attention weights [B, heads, L, L]]})``."""
+        kw: dict[str, Any] = dict(mask=mask, causal=causal, deterministic=deterministic, rngs=rngs)
+        captured: dict[str, list] = {"features": [], "attention": []}
+        for block in self.blocks:
+            x, weights = block.with_weights(x, **kw)
+            captured["features"].append(x)
+            captured["attention"].append(weights)
+        return self.encoder_norm(x), captured

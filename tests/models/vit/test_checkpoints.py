@@ -8,7 +8,10 @@ import scipy.ndimage
 from flax import nnx
 
 from flaxlab.models import Mixer, MixerConfig, ViT, ViTConfig
+from flaxlab.models.pretrained import save_pretrained
 from flaxlab.models.vit import load_pretrained, resize_posemb
+from tests.models.vit.test_resnet import reference_arrays as resnet_reference_arrays
+from tests.reference.vit import forward_npz
 
 VIT = dict(
     num_channels=3,
@@ -35,13 +38,15 @@ def to_reference_npz(model: ViT) -> dict[str, np.ndarray]:
     out = {
         "embedding/kernel": p["embedding"]["kernel"],
         "embedding/bias": p["embedding"]["bias"],
-        "cls": p["cls"],
         "Transformer/posembed_input/pos_embedding": p["posemb"],
         "head/kernel": p["head"]["kernel"],
         "head/bias": p["head"]["bias"],
-        "pre_logits/kernel": p["pre_logits"]["kernel"],
-        "pre_logits/bias": p["pre_logits"]["bias"],
     }
+    if "cls" in p:
+        out["cls"] = p["cls"]
+    if "pre_logits" in p:
+        out["pre_logits/kernel"] = p["pre_logits"]["kernel"]
+        out["pre_logits/bias"] = p["pre_logits"]["bias"]
     for name in ("scale", "bias"):
         out[f"Transformer/encoder_norm/{name}"] = p["encoder"]["encoder_norm"][name]
     for i, b in p["encoder"]["blocks"].items():
@@ -142,3 +147,143 @@ def test_mixer_round_trip():
     target = load_pretrained(Mixer(config, rngs=nnx.Rngs(9)), arrays)
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
     np.testing.assert_allclose(target(x), source(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- from_pretrained
+
+
+def published(classifier="token", representation=5, seed=1, image=(8, 8)):
+    config = ViTConfig(
+        num_classes=4,
+        image_size=image,
+        classifier=classifier,
+        **{**VIT, "representation_size": representation},
+    )
+    return to_reference_npz(random_model(ViT(config, rngs=nnx.Rngs(0)), seed))
+
+
+def big_vision_names(arrays):
+    """The newer generation: renamed block modules, a top-level pos_embedding without the
+    class token's entry (which the returned published arrays then hold as zeros)."""
+    renames = {
+        "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+        "LayerNorm_2": "LayerNorm_1",
+        "MlpBlock_3": "MlpBlock_0",
+    }
+    out = {}
+    for key, value in arrays.items():
+        parts = key.split("/")
+        if key.startswith("Transformer/encoderblock_"):
+            parts[2] = renames.get(parts[2], parts[2])
+        out["params/" + "/".join(parts)] = value
+    posemb = out.pop("params/Transformer/posembed_input/pos_embedding")
+    out["params/pos_embedding"] = posemb[:, 1:] if "cls" in arrays else posemb
+    zero_slot = dict(arrays)
+    if "cls" in arrays:
+        zero_slot["Transformer/posembed_input/pos_embedding"] = np.concatenate(
+            [np.zeros_like(posemb[:, :1]), posemb[:, 1:]], axis=1
+        )
+    return out, zero_slot
+
+
+def images(shape, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("classifier, representation", [("token", 5), ("gap", None)])
+@pytest.mark.parametrize("generation", ["published", "big_vision"])
+def test_from_pretrained_builds_the_model_the_checkpoint_describes(
+    tmp_path, classifier, representation, generation
+):
+    arrays = published(classifier, representation)
+    expected = arrays
+    if generation == "big_vision":
+        arrays, expected = big_vision_names(arrays)
+    np.savez(tmp_path / "ckpt.npz", **arrays)
+    model = ViT.from_pretrained(tmp_path / "ckpt.npz")
+    c = model.config
+    assert (c.patch_size, c.hidden_size, c.num_layers, c.num_heads, c.mlp_dim) == (
+        (4, 4),
+        12,
+        2,
+        3,
+        8,
+    )
+    assert c.classifier == classifier and c.representation_size == representation
+    assert c.image_size == (8, 8) and c.num_classes == 4
+    x = images((2, 8, 8, 3))
+    np.testing.assert_allclose(
+        model(jnp.asarray(x)), forward_npz(expected, x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_from_pretrained_at_a_higher_resolution_with_a_new_head(tmp_path):
+    arrays = published()
+    np.savez(tmp_path / "ckpt.npz", **arrays)
+    model = ViT.from_pretrained(tmp_path / "ckpt.npz", image_size=16, num_classes=9)
+    assert model.config.image_size == (16, 16) and model.config.num_classes == 9
+    np.testing.assert_array_equal(model.head.kernel[...], 0.0)  # replaced, zero-initialised
+    old = arrays["Transformer/posembed_input/pos_embedding"]
+    grid = scipy.ndimage.zoom(old[0, 1:].reshape(2, 2, 12), (2, 2, 1), order=1)
+    want = np.concatenate([old[:, :1], grid.reshape(1, 16, 12)], axis=1)
+    np.testing.assert_allclose(model.posemb[...], want, rtol=1e-6)
+    with pytest.raises(ValueError, match="MAP head"):
+        ViT.from_pretrained({**arrays, "MAPHead_0/probe": np.zeros((1, 1, 12))})
+
+
+def hybrid_arrays():
+    """A small R+ViT: a (1, 1)-stage stem of width 32, 1x1 patches, 32x32 images (4x4 grid)."""
+    stem = resnet_reference_arrays((1, 1), 32, 3, seed=5)
+    stem.pop("embedding/kernel")
+    rng = np.random.default_rng(6)
+    vit = published(image=(4, 4), seed=7)
+    vit["embedding/kernel"] = rng.normal(size=(1, 1, 256, 12)).astype(np.float32) * 0.1
+    grid = vit["Transformer/posembed_input/pos_embedding"]
+    vit["Transformer/posembed_input/pos_embedding"] = rng.normal(size=(1, 17, 12)).astype(
+        np.float32
+    )
+    assert grid.shape == (1, 2, 12)  # the ViT part was built for a 1x1 grid of 4x4 patches
+    return {**stem, **vit}
+
+
+def test_hybrid_checkpoint_loads_and_matches_numpy(tmp_path):
+    arrays = hybrid_arrays()
+    model = ViT.from_pretrained(arrays)
+    c = model.config
+    assert c.resnet_layers == (1, 1) and c.resnet_width == 0.5 and c.patch_size == (1, 1)
+    assert c.image_size == (32, 32) and c.grid_size == (4, 4)
+    x = images((2, 32, 32, 3), seed=3)
+    np.testing.assert_allclose(model(jnp.asarray(x)), forward_npz(arrays, x), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("build", ["vit", "hybrid", "mixer"])
+def test_save_pretrained_round_trip_is_exact(tmp_path, build):
+    if build == "vit":
+        model = ViT.from_pretrained(published())
+    elif build == "hybrid":
+        model = ViT.from_pretrained(hybrid_arrays())
+    else:
+        config = MixerConfig(
+            num_classes=3,
+            image_size=(8, 8),
+            patch_size=(4, 4),
+            hidden_size=6,
+            num_blocks=2,
+            tokens_mlp_dim=5,
+            channels_mlp_dim=7,
+        )
+        model = random_model(Mixer(config, rngs=nnx.Rngs(0)), 4)
+    path = save_pretrained(model, tmp_path / "out.npz")
+    again = type(model).from_pretrained(path)
+    assert again.config == model.config
+    for (p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(again, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(p))
+    size = model.config.image_size
+    x = jnp.asarray(images((2, *size, 3)))
+    np.testing.assert_array_equal(model(x), again(x))
+    with pytest.raises(ValueError, match="writes an .npz file"):
+        save_pretrained(model, tmp_path / "out.msgpack")

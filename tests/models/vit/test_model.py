@@ -10,7 +10,12 @@ from tests.reference import transformer as ref
 
 @pytest.mark.parametrize(
     "variant, expected",
-    [("B/16", 86_567_656), ("Ti/16", 5_717_416), ("S/16", 22_050_664)],
+    [
+        ("B/16", 86_567_656),
+        ("Ti/16", 5_717_416),
+        ("S/16", 22_050_664),
+        ("R50+B/16", 98_659_112),  # the hybrid: ResNet-50 stem (3 stages), then 1x1 patches
+    ],
 )
 def test_parameter_counts_match_the_reference(variant, expected):
     model = nnx.eval_shape(
@@ -101,3 +106,26 @@ def test_bfloat16_compute_returns_float32_logits():
     assert model(jnp.zeros((1, 8, 12, 2))).dtype == jnp.float32
     with pytest.raises(ValueError, match="dtype='float8'"):
         ViTConfig(**TINY, dtype="float8")
+
+
+def test_capture_returns_attention_weights_and_block_features():
+    cfg = ViTConfig(**TINY)
+    model = randomized(ViT(cfg, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, size=(3, 8, 12, 2)), jnp.float32)
+    logits, captured = model(x, capture=("attention", "features"))
+    np.testing.assert_allclose(logits, model(x), rtol=1e-5, atol=1e-6)
+    assert len(captured["attention"]) == len(captured["features"]) == cfg.num_layers
+    weights = np.asarray(captured["attention"][0])
+    assert weights.shape == (3, 4, 7, 7)  # [batch, heads, tokens, tokens], class token included
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    # The first block's weights are softmax(q k^T / sqrt(d)) of its normalised input.
+    p = ref.to_numpy64(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    t = np.asarray(model.embed(x), np.float64)
+    b0 = p["encoder"]["blocks"][0]
+    y = ref.layer_norm(t, b0["norm1"]["scale"], b0["norm1"]["bias"])
+    q = ref.dense(y, b0["attn"]["query"]).reshape(3, 7, 4, 4)
+    k = ref.dense(y, b0["attn"]["key"]).reshape(3, 7, 4, 4)
+    want = ref.softmax(np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0)
+    np.testing.assert_allclose(weights, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="capture=\\('gradients',\\)"):
+        model(x, capture=("gradients",))

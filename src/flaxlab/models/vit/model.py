@@ -20,11 +20,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxlab.models.common import check_images, parse_variant, resolve_dtype, to_pair
-from flaxlab.models.pretrained import resize_posemb
-from flaxlab.models.vit.checkpoints import vit_params_from_npz
+from flaxlab.models.pretrained import assign_params, read_npz, resize_posemb
+from flaxlab.models.vit.checkpoints import vit_config_fields, vit_params_from_npz, vit_params_to_npz
+from flaxlab.models.vit.resnet import ResNetStem, resnet_downsampling, resnet_out_channels
 from flaxlab.nn.attention import AttentionConfig
 from flaxlab.nn.transformer import Encoder
 
@@ -38,6 +40,10 @@ VIT_SIZES = {
 }
 VIT_PATCHES = (8, 14, 16, 32)
 CLASSIFIERS = ("token", "gap")
+# Hybrid stems by name and total patch (the reference's configs): R50 has 3 stages for /16
+# (downsampling 16, then 1x1 patches) and 4 for /32.
+HYBRID_STEMS = {("R50", 16): (3, 4, 9), ("R50", 32): (3, 4, 6, 3), ("R26", 32): (2, 2, 2, 2)}
+CAPTURES = ("attention", "features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,8 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     dtype: str = "float32"
+    resnet_layers: tuple[int, ...] | None = None
+    resnet_width: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", to_pair(self.image_size, "image_size"))
@@ -68,9 +76,15 @@ class ViTConfig:
             raise ValueError(
                 f"classifier={self.classifier!r} is not supported; accepted: {list(CLASSIFIERS)}"
             )
+        if self.resnet_layers is not None:
+            object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
+        scale = self.downsampling
         for size, patch, axis in zip(self.image_size, self.patch_size, ("height", "width")):
-            if size % patch:
-                raise ValueError(f"image {axis} {size} is not a multiple of the patch size {patch}")
+            if size % (patch * scale):
+                raise ValueError(
+                    f"image {axis} {size} is not a multiple of the patch size {patch}"
+                    + (f" times the ResNet stem's downsampling {scale}" if scale > 1 else "")
+                )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
@@ -80,13 +94,24 @@ class ViTConfig:
         resolve_dtype(self.dtype)
 
     @property
+    def downsampling(self) -> int:
+        """The hybrid ResNet stem's downsampling (1 without a stem)."""
+        return 1 if self.resnet_layers is None else resnet_downsampling(self.resnet_layers)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        scale = self.downsampling
+        return (
+            self.image_size[0] // (self.patch_size[0] * scale),
+            self.image_size[1] // (self.patch_size[1] * scale),
+        )
 
     @classmethod
     def variant(cls, name: str, **overrides) -> ViTConfig:
-        """A named reference variant, e.g. ``"B/16"`` (size Ti/S/B/L/H, patch 8/14/16/32)."""
-        (hidden, layers, heads, mlp), patch = parse_variant(name, VIT_SIZES, VIT_PATCHES, "ViT")
+        """A named reference variant: ``"B/16"`` (size Ti/S/B/L/H, patch 8/14/16/32) or a
+        hybrid ``"R50+B/16"``, ``"R50+L/32"``, ``"R26+S/32"`` (ResNet stem, then 1x1 patches)."""
+        stem_name, _, vit_name = name.rpartition("+")
+        (hidden, layers, heads, mlp), patch = parse_variant(vit_name, VIT_SIZES, VIT_PATCHES, "ViT")
         fields: dict[str, Any] = dict(
             hidden_size=hidden,
             num_layers=layers,
@@ -94,19 +119,36 @@ class ViTConfig:
             mlp_dim=mlp,
             patch_size=(patch, patch),
         )
+        if stem_name:
+            if (stem_name, patch) not in HYBRID_STEMS:
+                names = [f"{s}+B/{p}" for s, p in HYBRID_STEMS]
+                raise ValueError(f"unknown hybrid ViT variant {name!r}; accepted e.g.: {names}")
+            stem = HYBRID_STEMS[(stem_name, patch)]
+            scale = resnet_downsampling(stem)
+            fields.update(resnet_layers=stem, patch_size=(patch // scale, patch // scale))
         fields.update(overrides)
         return cls(**fields)
 
 
 class ViT(nnx.Module):
-    """Vision Transformer classifier: ``model(images) -> logits``."""
+    """Vision Transformer classifier: ``model(images) -> logits``.
+
+    ``model(images, capture=("attention", "features"))`` also returns what it captured:
+    ``{"attention": [per block [B, heads, T, T]], "features": [per block [B, T, D]]}``.
+    """
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
         dtype = resolve_dtype(c.dtype)
+        embed_in = c.num_channels
+        if c.resnet_layers is not None:
+            self.stem = ResNetStem(
+                c.resnet_layers, c.resnet_width, c.num_channels, dtype=dtype, rngs=rngs
+            )
+            embed_in = resnet_out_channels(c.resnet_layers, c.resnet_width)
         self.embedding = nnx.Conv(
-            c.num_channels,
+            embed_in,
             c.hidden_size,
             kernel_size=c.patch_size,
             strides=c.patch_size,
@@ -149,7 +191,8 @@ class ViT(nnx.Module):
         """Patch embedding + class token + position embedding: ``[B, tokens, hidden]``."""
         c = self.config
         check_images(images, c.image_size, c.num_channels, type(self).__name__)
-        x = self.embedding(images)
+        x = self.stem(images) if c.resnet_layers is not None else images
+        x = self.embedding(x)
         x = x.reshape(x.shape[0], -1, c.hidden_size)
         if c.classifier == "token":
             cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, c.hidden_size)).astype(x.dtype)
@@ -165,17 +208,71 @@ class ViT(nnx.Module):
         return x
 
     def pretrained_params(self, arrays: dict) -> dict:
-        """This model's parameter tree from the official ``.npz`` arrays, the position
-        embedding resized to this model's grid (``scipy.ndimage.zoom(order=1)``)."""
+        """This model's parameter tree from the official ``.npz`` arrays (either naming
+        generation), the position embedding resized to this model's grid
+        (``scipy.ndimage.zoom(order=1)``)."""
         params = vit_params_from_npz(arrays)
         prefix = 1 if "cls" in params else 0
         params["posemb"] = resize_posemb(params["posemb"], self.config.grid_size, num_prefix=prefix)
         return params
 
-    def __call__(self, images, *, deterministic=True, rngs=None):
+    def pretrained_arrays(self) -> dict:
+        """This model's parameters in the published ``.npz`` layout (see
+        :func:`~flaxlab.models.pretrained.save_pretrained`)."""
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self, nnx.Param)))
+        return vit_params_to_npz(params, self.config.num_heads)
+
+    @classmethod
+    def from_pretrained(
+        cls, path, *, image_size=None, num_classes: int | None = None, **overrides
+    ) -> ViT:
+        """The model a released ``.npz`` checkpoint describes, with its weights.
+
+        Patch size, width, depth, heads, MLP width, class token or mean pooling, the
+        ``pre_logits`` layer, the hybrid stem and the class count are read from the arrays.
+
+        Args:
+          path: the ``.npz`` file (or a dict of its arrays), either naming generation.
+          image_size: the resolution to run at (default: the grid the position embedding
+            implies); the position embedding is resized to it.
+          num_classes: a new head of this many classes, zero-initialised as the reference
+            fine-tunes (default: the checkpoint's head).
+          **overrides: other :class:`ViTConfig` fields (``dropout_rate``, ``dtype``, ...).
+
+        Returns:
+          The model, ready for ``model(images)`` with images in [-1, 1].
+        """
+        arrays = read_npz(path)
+        fields = vit_config_fields(arrays)
+        if image_size is not None:
+            fields["image_size"] = image_size
+        if num_classes is not None:
+            fields["num_classes"] = num_classes
+        elif "num_classes" not in fields:
+            raise ValueError("the checkpoint has no head: pass num_classes")
+        fields.update(overrides)
+        model = cls(cls.config_class(**fields), rngs=nnx.Rngs(0))
+        assign_params(model, model.pretrained_params(arrays))
+        return model
+
+    config_class: type = ViTConfig
+
+    def __call__(self, images, *, deterministic=True, rngs=None, capture=()):
         x = self.embed(images, deterministic=deterministic, rngs=rngs)
-        x = self.encoder(x, deterministic=deterministic, rngs=rngs)
-        return self.head(self.pool(x)).astype(jnp.float32)
+        if not capture:
+            x = self.encoder(x, deterministic=deterministic, rngs=rngs)
+            return self.head(self.pool(x)).astype(jnp.float32)
+        unknown = set(capture) - set(CAPTURES)
+        if unknown:
+            raise ValueError(f"capture={tuple(capture)!r}: accepted {CAPTURES}")
+        encoder = self.encoder
+        if not isinstance(encoder, Encoder):
+            raise ValueError(
+                f"capture needs a plain transformer encoder, not {type(encoder).__name__}"
+            )
+        x, captured = encoder.capture(x, deterministic=deterministic, rngs=rngs)
+        logits = self.head(self.pool(x)).astype(jnp.float32)
+        return logits, {name: captured[name] for name in capture}
 
 
 def count_parameters(model: nnx.Module) -> int:
