@@ -1,7 +1,10 @@
 """End-to-end CLI tests on tiny settings: one per model family (train, eval, predict)."""
 
+import json
+
 import numpy as np
 import pytest
+from flax import nnx
 from typer.testing import CliRunner
 
 from flaxlab.cli import app
@@ -190,3 +193,59 @@ def test_global_verbose_option_and_exit_status_of_a_failed_run(tmp_path):
     assert len(lines) == 1 and "training stopped: the loss is nan" in lines[0], result.output
     result = runner.invoke(app, ["train", "vit-digits", "-v"])
     assert result.exit_code == 2  # -v belongs before the subcommand
+
+
+def test_vit_finetune_from_an_official_checkpoint_on_an_image_folder(tmp_path):
+    """The fine-tuning recipe end to end: a released-layout .npz (8x8 images, patch 4) is
+    fine-tuned at 16x16 on a folder of two classes, then labels a folder without classes."""
+    from PIL import Image
+
+    from flaxlab.models import ViT, ViTConfig
+    from flaxlab.models.pretrained import save_pretrained
+
+    source = ViTConfig(
+        num_classes=5,
+        image_size=(8, 8),
+        patch_size=(4, 4),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        mlp_dim=16,
+    )
+    checkpoint = save_pretrained(ViT(source, rngs=nnx.Rngs(0)), tmp_path / "ViT-tiny.npz")
+    rng = np.random.default_rng(0)
+    folder, unlabelled = tmp_path / "pets", tmp_path / "new"
+    for name, shade in (("cat", 40), ("dog", 200)):
+        (folder / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = np.clip(shade + rng.normal(0, 20, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    unlabelled.mkdir()
+    for i, shade in enumerate((30, 220)):
+        Image.fromarray(np.full((18, 18, 3), shade, np.uint8)).save(unlabelled / f"img{i}.png")
+    workdir = tmp_path / "ft"
+    settings = [
+        f"init.checkpoint={checkpoint}",
+        f"data.source=folder:{folder}",
+        "data.image_size=16",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "optimizer.grad_accum_steps=2",
+        "optimizer.warmup_steps=1",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.eval_every=0",
+    ]
+    result = runner.invoke(
+        app, ["train", "vit-finetune", "--workdir", str(workdir), *sets(settings)]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["image_size"] == [16, 16] and config["model"]["num_classes"] == 2
+    assert config["model"]["hidden_size"] == 16 and config["data"]["class_names"] == ["cat", "dog"]
+    result = runner.invoke(app, ["predict", str(workdir), "--data", str(unlabelled)])
+    assert result.exit_code == 0, result.output
+    rows = (workdir / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "file,label,probability" and len(rows) == 3
+    assert rows[1].split(",")[0].endswith("img0.png") and rows[1].split(",")[1] in ("cat", "dog")

@@ -230,8 +230,8 @@ def test_every_op_treats_grey_as_equal_rgb_channels():
     for name in A.RANDAUG_OPS:
         arg = A.level_to_arg(name, 7.0)
         sign, cy, cx = np.array([1.0, -1.0, 1.0]), np.array([1, 4, 8]), np.array([0, 3, 6])
-        one = A._apply_op(name, g, arg, sign, cy, cx, 128)
-        three = A._apply_op(name, rgb, arg, sign, cy, cx, 128)
+        one = A.apply_op(name, g, arg, sign, cy, cx, 128)
+        three = A.apply_op(name, rgb, arg, sign, cy, cx, 128)
         np.testing.assert_array_equal(three, np.repeat(one, 3, axis=-1), err_msg=name)
 
 
@@ -309,7 +309,7 @@ def test_rand_augment_applies_the_documented_draws():
             if name == "Cutout":
                 img = A.cutout(img, arg, (cys[i, layer], cxs[i, layer]))
             else:
-                img = A._apply_op(name, img[None], arg, 1.0, 0, 0, 128)[0]
+                img = A.apply_op(name, img[None], arg, 1.0, 0, 0, 128)[0]
         np.testing.assert_array_equal(got[i], img, err_msg=f"image {i}")
 
 

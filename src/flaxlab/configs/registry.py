@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 from flaxlab.configs.text import performer_lm_stdlib
 from flaxlab.configs.vdm import vdm_cifar10, vdm_digits
-from flaxlab.configs.vision import mixer_digits, vit_digits, vmoe_digits
+from flaxlab.configs.vision import mixer_digits, vit_digits, vit_finetune, vmoe_digits
 from flaxlab.train.config import ExperimentConfig, apply_overrides
 
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "vit-digits": vit_digits,
+    "vit-finetune": vit_finetune,
     "mixer-digits": mixer_digits,
     "vmoe-digits": vmoe_digits,
     "vdm-digits": vdm_digits,

@@ -8,8 +8,8 @@ from flaxlab.models.classification import ClassificationConfig
 from flaxlab.models.mixer import MixerConfig
 from flaxlab.models.vit import ViTConfig
 from flaxlab.models.vmoe import MoeConfig, VMoEConfig
-from flaxlab.optim.factory import OptimizerConfig
-from flaxlab.train.config import DataConfig, ExperimentConfig, TrainConfig
+from flaxlab.optim.factory import OptimizerConfig, SGDConfig
+from flaxlab.train.config import DataConfig, ExperimentConfig, InitConfig, TrainConfig
 
 DIGITS_DATA = DataConfig(name="digits", batch_size=64, eval_batch_size=360, crop_padding=1)
 DIGITS_OPTIMIZER = OptimizerConfig(
@@ -91,4 +91,49 @@ def vmoe_digits() -> ExperimentConfig:
         family="vmoe",
         model=model,
         description="V-MoE (vit-digits with 4 experts, top-2, in blocks 1 and 3) on the digits",
+    )
+
+
+def vit_finetune() -> ExperimentConfig:
+    """Fine-tune a released ViT on your folder of images: the ViT paper's transfer recipe.
+
+    Command: ``flaxlab train vit-finetune --set init.checkpoint=ViT-B_16.npz
+    --set data.source=folder:DIR`` (``DIR/<class>/<image>``; a ``DIR/train`` + ``DIR/test``
+    layout is used as such, else 10% of each class is held out), then
+    ``flaxlab predict runs/vit-finetune --data NEW_IMAGES`` labels a folder (CSV + .npz).
+    The model is the one the checkpoint describes (any ViT or hybrid, either naming
+    generation, or a flaxlab ViT run), at 384 pixels (the position embedding is resized on
+    load), with a new zero-initialised head of as many classes as ``DIR`` has. SGD with
+    momentum 0.9, global-norm clipping at 1, 100 linear warm-up steps then cosine decay from
+    0.01, batch 64 as 8 accumulated micro-batches of 8, no weight decay, 1,000 steps; the
+    evaluation resizes the shorter side and crops the centre. Expected: the paper's transfer
+    accuracies need its ImageNet-21k checkpoints and many hours on an accelerator; on 2 CPU
+    cores a ViT-B/16 step at 384 pixels takes seconds, so try ``Ti/16`` or ``S/32`` checkpoints
+    or ``--set data.image_size=224`` there.
+    """
+    model = ViTConfig.variant("B/16", num_classes=2, image_size=384)
+    return ExperimentConfig(
+        family="vit",
+        model=model,
+        task=ClassificationConfig(),
+        data=DataConfig(
+            name="image_folder",
+            batch_size=64,
+            eval_batch_size=64,
+            image_size=(384, 384),
+            flip=True,
+        ),
+        optimizer=OptimizerConfig(
+            name="sgd",
+            learning_rate=0.01,
+            warmup_steps=100,
+            decay="cosine",
+            weight_decay=0.0,
+            grad_clip_norm=1.0,
+            grad_accum_steps=8,
+            sgd=SGDConfig(momentum=0.9),
+        ),
+        train=TrainConfig(steps=1000, log_every=20, eval_every=250, checkpoint_every=250),
+        init=InitConfig(model_from_checkpoint=True),
+        description="Fine-tune a released ViT on a folder of images (the ViT paper's recipe)",
     )

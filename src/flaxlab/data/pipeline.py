@@ -62,7 +62,12 @@ def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class TrainBatches:
     """Training batches of a dataset as a pure function of the step.
 
-    ``batches(step)`` returns ``{"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]}``.
+    ``batches(step)`` returns ``{"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]}``
+    and, with Mixup, ``"soft_label"`` float32 ``[B, classes]`` (the mixed one-hot labels; the
+    images are mixed the same way, ``label`` stays each example's dominant class).
+    Augmentations, in order: the padded random crop, then
+    (:func:`flaxlab.data.augment.augment_batch`) the Inception crop, a flip and RandAugment, then
+    Mixup; each draws from ``default_rng([seed, step, k])``.
     """
 
     dataset: ImageDataset
@@ -70,6 +75,9 @@ class TrainBatches:
     seed: int = 0
     crop_padding: int = 0
     flip: bool = False
+    inception_crop: bool = False
+    randaug: tuple[int, int] | None = None
+    mixup_alpha: float = 0.0
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -78,14 +86,38 @@ class TrainBatches:
             raise ValueError("the training set is empty")
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
+        from flaxlab.data.augment import augment_batch, mixup
+
         idx = batch_indices(self.seed, step, self.batch_size, len(self.dataset))
         images = self.dataset.images[idx]
-        if self.crop_padding or self.flip:
+        labels = self.dataset.labels[idx]
+        extended = self.inception_crop or self.randaug is not None
+        if self.crop_padding or (self.flip and not extended):
             rng = np.random.default_rng([self.seed, step, 1])
             images = random_crop(images, rng, self.crop_padding)
-            if self.flip:
+            if self.flip and not extended:
                 images = random_flip(images, rng)
-        return {"image": to_float_images(images), "label": self.dataset.labels[idx]}
+        if extended:
+            height = images.shape[1]
+            images = augment_batch(
+                images,
+                np.random.default_rng([self.seed, step, 2]),
+                inception_crop_size=images.shape[1:3] if self.inception_crop else None,
+                flip=self.flip,
+                randaug=self.randaug,
+                # The reference's 100 and 40 pixels are for 224-pixel images.
+                translate_const=100.0 * height / 224,
+                cutout_const=40.0 * height / 224,
+            )
+        batch = {"image": to_float_images(images), "label": labels}
+        if self.mixup_alpha > 0:
+            classes = max(self.dataset.num_classes, int(labels.max()) + 1)
+            onehot = np.eye(classes, dtype=np.float32)[labels]
+            rng = np.random.default_rng([self.seed, step, 3])
+            batch["image"], batch["soft_label"] = mixup(
+                batch["image"], onehot, rng, self.mixup_alpha
+            )
+        return batch
 
 
 def eval_batches(dataset: ImageDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -24,11 +24,13 @@ DIGITS_SPLIT_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-    """Images (uint8, [N, H, W, C]) with integer labels ([N]) and class names."""
+    """Images (uint8, [N, H, W, C]) with integer labels ([N]; -1: unlabelled), class names and,
+    for images read from files, their paths."""
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+    files: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.images.ndim != 4:
@@ -77,48 +79,106 @@ def load_digits(split: str = "train") -> ImageDataset:
     return ImageDataset(np.ascontiguousarray(x), np.asarray(y), tuple(str(i) for i in range(10)))
 
 
-def load_image_folder(
-    path: str | os.PathLike, image_size: tuple[int, int] | None = None, channels: int = 3
-) -> ImageDataset:
-    """A folder with one sub-folder per class (``root/<class>/<image>``), classes sorted by name.
-
-    Images are converted to ``channels`` (1 = greyscale, 3 = RGB) and, when ``image_size`` is
-    given, resized to it (bilinear); otherwise all images must share one size.
-    """
+def _read_image(file: Path, channels: int, image_size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image
 
+    from flaxlab.data.augment import resize_center_crop
+
+    with Image.open(file) as img:
+        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    if image_size is not None and array.shape[:2] != tuple(image_size):
+        array = resize_center_crop(array, image_size)
+    return array
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_image_folder(
+    path: str | os.PathLike,
+    image_size: tuple[int, int] | None = None,
+    channels: int = 3,
+    class_names: tuple[str, ...] | None = None,
+) -> ImageDataset:
+    """A folder with one sub-folder per class (``root/<class>/<image>``, classes sorted by
+    name), or a folder of images without classes (unlabelled: labels -1).
+
+    Images are converted to ``channels`` (1 = greyscale, 3 = RGB) and, when ``image_size`` is
+    given, resized (shorter side) and centre-cropped to it; otherwise all images must share one
+    size. ``class_names`` (e.g. the training run's) fixes the label of each sub-folder name.
+    """
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} does not exist or is not a directory")
     if channels not in (1, 3):
         raise ValueError(f"channels={channels} is not supported; accepted: [1, 3]")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"image folder {str(root)!r} has no class sub-folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            with Image.open(file) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                if image_size is not None:
-                    img = img.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-            if array.ndim == 2:
-                array = array[..., None]
-            if images and array.shape != images[0].shape:
-                raise ValueError(
-                    f"image {str(file)!r} has shape {array.shape} but earlier images have "
-                    f"{images[0].shape}; pass image_size to resize them all"
-                )
-            images.append(array)
-            labels.append(label)
-    if not images:
+    if classes:
+        names = tuple(class_names) if class_names else tuple(classes)
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise ValueError(
+                f"image folder {str(root)!r} has classes {unknown} the model does not know; "
+                f"it knows {list(names)}"
+            )
+        entries = [(f, names.index(c)) for c in classes for f in _image_files(root / c)]
+    else:
+        names = tuple(class_names or ())
+        entries = [(f, -1) for f in _image_files(root)]
+    if not entries:
         raise ValueError(
             f"image folder {str(root)!r} has no images with extensions {IMAGE_EXTENSIONS}"
         )
-    return ImageDataset(np.stack(images), np.asarray(labels, np.int32), tuple(classes))
+    images = []
+    for file, _ in entries:
+        array = _read_image(file, channels, image_size)
+        if images and array.shape != images[0].shape:
+            raise ValueError(
+                f"image {str(file)!r} has shape {array.shape} but earlier images have "
+                f"{images[0].shape}; set data.image_size to resize them all"
+            )
+        images.append(array)
+    labels = np.asarray([label for _, label in entries], np.int32)
+    files = tuple(str(f) for f, _ in entries)
+    return ImageDataset(np.stack(images), labels, names, files)
+
+
+EVAL_SUBFOLDERS = ("test", "val", "validation")
+
+
+def folder_splits(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``(train folder, evaluation folder or None)``: a folder's ``train`` and ``test`` (or
+    ``val``, ``validation``) sub-folders when it has them, else the folder itself and None."""
+    root = Path(path)
+    if (root / "train").is_dir():
+        for name in EVAL_SUBFOLDERS:
+            if (root / name).is_dir():
+                return root / "train", root / name
+    return root, None
+
+
+def split_dataset(dataset: ImageDataset, fraction: float) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, eval)``: a fixed stratified hold-out (seed 0) of ``fraction`` of each class
+    (at least one image of every class with two or more)."""
+    rng = np.random.default_rng(0)
+    held = np.zeros(len(dataset), bool)
+    for label in np.unique(dataset.labels):
+        members = np.flatnonzero(dataset.labels == label)
+        if len(members) < 2:
+            continue
+        count = max(1, int(round(fraction * len(members))))
+        held[rng.permutation(members)[:count]] = True
+    if not held.any():
+        raise ValueError("the image folder is too small to hold out an evaluation split")
+
+    def part(mask):
+        files = tuple(np.asarray(dataset.files)[mask]) if dataset.files else ()
+        return ImageDataset(dataset.images[mask], dataset.labels[mask], dataset.class_names, files)
+
+    return part(~held), part(held)
 
 
 # What the official CIFAR python batches contain besides builtins (dicts, lists, bytes, str,

@@ -1,8 +1,9 @@
 """Image classification, the task shared by the ViT, MLP-Mixer and V-MoE families.
 
 Batches are ``{"image": float [B, H, W, C] in [-1, 1], "label": int [B]}`` (plus ``mask`` for
-evaluation). Models return logits, or ``(logits, aux)`` where ``aux["aux_loss"]`` (e.g. MoE
-load balancing) is added to the training loss and the other entries become metrics.
+evaluation, and ``soft_label`` float ``[B, classes]`` with Mixup). Models return logits, or
+``(logits, aux)`` where ``aux["aux_loss"]`` (e.g. MoE load balancing) is added to the training
+loss and the other entries become metrics.
 """
 
 from __future__ import annotations
@@ -60,9 +61,16 @@ class ClassificationTask(TaskBase):
         logits, aux = split_model_output(model(batch["image"], deterministic=False, rngs=rngs))
         num_classes = logits.shape[-1]
         labels = batch["label"]
-        targets = optax.smooth_labels(
-            jax.nn.one_hot(labels, num_classes), self.settings.label_smoothing
-        )
+        if "soft_label" in batch:  # Mixup's mixed one-hot labels
+            targets = batch["soft_label"].astype(jnp.float32)
+            if targets.shape[-1] != num_classes:
+                raise ValueError(
+                    f"the data have {targets.shape[-1]} classes, the model {num_classes}; set "
+                    f"model.num_classes={targets.shape[-1]}"
+                )
+        else:
+            targets = jax.nn.one_hot(labels, num_classes)
+        targets = optax.smooth_labels(targets, self.settings.label_smoothing)
         ce = optax.softmax_cross_entropy(logits, targets).mean()
         metrics = {
             "cross_entropy": ce,

@@ -278,6 +278,18 @@ def mixer_config_fields(arrays: dict[str, np.ndarray]) -> dict:
     return fields
 
 
+def config_from_checkpoint(
+    path, base: MixerConfig, *, num_classes: int | None = None
+) -> MixerConfig:
+    """The config of the Mixer a released ``.npz`` describes, with ``base``'s dtype and
+    stochastic depth and ``num_classes`` (default: the checkpoint's, else ``base``'s)."""
+    arrays = {k.removeprefix("params/"): v for k, v in read_npz(path).items()}
+    fields = mixer_config_fields(arrays)
+    fields.update(dtype=base.dtype, drop_path_rate=base.drop_path_rate)
+    fields["num_classes"] = num_classes or fields.get("num_classes") or base.num_classes
+    return MixerConfig(**fields)
+
+
 # The family of the model registry.
 Config = MixerConfig
 Model = Mixer
@@ -288,6 +300,7 @@ __all__ = [
     "MixerConfig",
     "Model",
     "Task",
+    "config_from_checkpoint",
     "load_pretrained",
     "mixer_config_fields",
     "mixer_params_from_npz",

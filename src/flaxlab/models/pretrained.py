@@ -89,12 +89,13 @@ def load_pretrained(model: nnx.Module, checkpoint, *, reset_head: bool | None = 
     Returns:
       The model, updated in place. Position embeddings are resized to the model's grid.
     """
-    if not hasattr(model, "pretrained_params"):
+    mapping = getattr(model, "pretrained_params", None)
+    if mapping is None:
         raise ValueError(
             f"{type(model).__name__} has no mapping from the official .npz layout; "
-            "load_pretrained takes a ViT or a Mixer"
+            "load_pretrained takes a ViT or a Mixer (V-MoE: flaxlab.models.vmoe_checkpoints)"
         )
-    loaded = model.pretrained_params(read_npz(checkpoint))  # type: ignore[attr-defined]
+    loaded = mapping(read_npz(checkpoint))
     assign_params(model, loaded, reset_head=reset_head)
     return model
 
@@ -107,10 +108,11 @@ def assign_params(model: nnx.Module, loaded: dict, *, reset_head: bool | None = 
     """
     target = nnx.state(model, nnx.Param)
     flat_target = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(target)}
-    head_shape = flat_target[("head", "kernel")].shape
+    has_head = ("head", "kernel") in flat_target
+    head_shape = flat_target[("head", "kernel")].shape if has_head else None
     keep_head = reset_head is not True
     head_fits = "head" in loaded and loaded["head"]["kernel"].shape == head_shape
-    if reset_head is False and not head_fits:
+    if reset_head is False and has_head and not head_fits:
         got = loaded["head"]["kernel"].shape if "head" in loaded else None
         raise ValueError(
             f"the checkpoint's head has shape {got} but the model's is {head_shape}; use "
@@ -145,7 +147,7 @@ def save_pretrained(model: nnx.Module, path: str | os.PathLike) -> Path:
     """Writes a ViT or Mixer in the released ``.npz`` layout (``from_pretrained`` of the file
     rebuilds the same model with identical outputs). The file appears complete or not at all
     (written to a temporary name, then renamed)."""
-    if not hasattr(model, "pretrained_arrays"):
+    if getattr(model, "pretrained_arrays", None) is None:
         raise ValueError(
             f"{type(model).__name__} has no official .npz layout; save_pretrained takes a ViT or "
             "a Mixer"

@@ -262,6 +262,9 @@ class MoeEncoder(nnx.Module):
 
 class VMoE(ViT):
     config: VMoEConfig  # narrows ViT's
+    # The ViT .npz layout holds no experts: V-MoE checkpoints are read by vmoe_checkpoints.
+    pretrained_params = None  # type: ignore[assignment]
+    pretrained_arrays = None  # type: ignore[assignment]
     """V-MoE classifier: ``model(images) -> (logits, aux)``.
 
     ``aux["aux_loss"]`` is the sum over MoE layers of their weighted auxiliary losses; per layer
@@ -366,6 +369,23 @@ def upcycle(dense: ViT, moe_model: VMoE) -> VMoE:
         updated.append((key, variable))
     nnx.update(moe_model, nnx.from_flat_state(updated))
     return moe_model
+
+
+def config_from_checkpoint(path, base: VMoEConfig, *, num_classes: int | None = None):
+    """The config of the V-MoE a released checkpoint (``<prefix>.index``) describes, with
+    ``base``'s image size, dtype and dropout, and ``num_classes`` (default: the checkpoint's)."""
+    from flaxlab.models.vmoe_checkpoints import config_from_vmoe_params, read_vmoe_checkpoint
+
+    params = read_vmoe_checkpoint(str(path), subtree=None)
+    overrides = dict(
+        image_size=base.image_size,
+        dtype=base.dtype,
+        dropout_rate=base.dropout_rate,
+        drop_path_rate=base.drop_path_rate,
+    )
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return config_from_vmoe_params(params, **overrides)
 
 
 # The family of the model registry.

@@ -4,6 +4,7 @@ from flaxlab.train.checkpoints import Checkpointer, CheckpointError
 from flaxlab.train.config import (
     DataConfig,
     ExperimentConfig,
+    InitConfig,
     OptimizerConfig,
     TrainConfig,
     apply_overrides,
@@ -28,6 +29,7 @@ __all__ = [
     "DataConfig",
     "Estimator",
     "ExperimentConfig",
+    "InitConfig",
     "OptimizerConfig",
     "Task",
     "TaskBase",

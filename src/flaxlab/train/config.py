@@ -16,41 +16,13 @@ import types
 import typing
 from typing import Any
 
+from flaxlab.data.config import DataConfig
 from flaxlab.data.factory import data_source_names
 from flaxlab.models.registry import family as model_family
 from flaxlab.models.registry import task_class
 from flaxlab.optim.factory import OptimizerConfig
 
 CONFIG_VERSION = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the data come from and how they are batched.
-
-    Attributes:
-      name: ``digits`` (bundled), ``npz``, ``image_folder``, ``cifar``, or ``stdlib_text``
-        (the Python standard library's sources as bytes, for language models).
-      path: training data for ``npz``/``image_folder``/``cifar`` (``stdlib_text``: another
-        folder of the standard library's layout).
-      eval_path: evaluation data (defaults: digits' test split, CIFAR's test batch).
-      batch_size: global training batch size (divisible by the number of devices).
-      eval_batch_size: evaluation batch size.
-      crop_padding: random-crop augmentation: pad by this many pixels, crop back.
-      flip: random left-right flips.
-      seed: data order and augmentation seed.
-      seq_len: sequence length for text tasks.
-    """
-
-    name: str = "digits"
-    path: str | None = None
-    eval_path: str | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    crop_padding: int = 0
-    flip: bool = False
-    seed: int = 0
-    seq_len: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +59,26 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """The weights a fresh run starts from (nothing is read when the run resumes).
+
+    Attributes:
+      checkpoint: a released ``.npz`` (ViT / Mixer, official layout), a T5X checkpoint
+        (``flaxlab export --format t5x``), a V-MoE checkpoint (``<prefix>.index`` with its
+        ``.data-*`` shards) or a flaxlab work directory / checkpoints folder; the format is
+        detected. Parameters the checkpoint lacks keep their initialisation; a head whose
+        shape differs (another class count) starts from zeros, as the reference fine-tunes.
+      model_from_checkpoint: build the model the checkpoint describes (patch size, width,
+        depth, heads, ...) instead of ``model``'s, keeping ``model``'s image size, dtype,
+        dropout and stochastic depth, and taking the class count from the data's classes
+        when they are known (an image folder's sub-folders).
+    """
+
+    checkpoint: str | None = None
+    model_from_checkpoint: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: model family + its model and task settings + data, optimizer, loop.
 
@@ -99,6 +91,7 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
     description: str = ""
 
     def __post_init__(self):
@@ -183,7 +176,12 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     data["model"] = dataclass_from_dict(family.Config, data["model"])
     if data.get("task") is not None:
         data["task"] = dataclass_from_dict(family.Task.Config, data["task"])
-    for key, cls in (("data", DataConfig), ("optimizer", OptimizerConfig), ("train", TrainConfig)):
+    for key, cls in (
+        ("data", DataConfig),
+        ("optimizer", OptimizerConfig),
+        ("train", TrainConfig),
+        ("init", InitConfig),
+    ):
         if key in data:
             data[key] = dataclass_from_dict(cls, data[key])
     return ExperimentConfig(**data)
@@ -280,7 +278,10 @@ def parse_value(text: str, hint, field: str):
         items = [t for t in text.strip("()[] ").split(",") if t.strip()]
         args = typing.get_args(hint)
         item_hint = args[0] if args else str
-        if args and args[-1] is not Ellipsis and len(args) != len(items):
+        fixed = bool(args) and args[-1] is not Ellipsis
+        if fixed and len(items) == 1 and len(set(args)) == 1:
+            items = items * len(args)  # "16" for a pair of ints means (16, 16)
+        if fixed and len(args) != len(items):
             raise ValueError(f"{field}={text!r}: expected {len(args)} comma-separated values")
         return tuple(parse_value(t.strip(), item_hint, field) for t in items)
     if hint is Any:

@@ -30,6 +30,7 @@ from flaxlab.optim.factory import make_optimizer, make_schedule, peak_learning_r
 from flaxlab.train import sharding as shd
 from flaxlab.train.checkpoints import Checkpointer, CheckpointError
 from flaxlab.train.config import ExperimentConfig
+from flaxlab.train.initialize import load_initial_weights, resolve_config
 from flaxlab.train.metrics import MetricsWriter, Progress, plot_curves, read_jsonl
 from flaxlab.train.step import (
     make_init_fn,
@@ -76,6 +77,7 @@ class Estimator:
         progress: bool | None = None,
         num_devices: int | None = None,
     ):
+        config = resolve_config(config)
         self.config = config
         self.workdir = Path(workdir)
         self.run_dir = Workdir(workdir)
@@ -108,6 +110,27 @@ class Estimator:
     def init_state(self) -> dict[str, Any]:
         """Fresh parameters, optimizer state, EMA and step, replicated on the mesh."""
         return jax.jit(self._init_fn(), out_shardings=shd.replicated(self.mesh))()
+
+    def initial_state(self) -> dict[str, Any]:
+        """The state a fresh run starts from: :meth:`init_state` with the weights of
+        ``init.checkpoint`` and ``train.warm_start`` when set."""
+        state = self.init_state()
+        if self.config.init.checkpoint:
+            model = nnx.merge(self.graphdef, state["params"], state["rest"])
+            load_initial_weights(model, self.config.init.checkpoint, self._restore_run)
+            _, params, _ = split_model(model)
+            params = jax.device_put(params, shd.replicated(self.mesh))
+            state = dict(state, params=params)
+            if "ema" in state:
+                state["ema"] = params
+        if self.config.train.warm_start:
+            state = self.warm_start(state)
+        return state
+
+    @staticmethod
+    def _restore_run(run: Path) -> nnx.Module:
+        """The newest model of another flaxlab run (its own config and checkpoints)."""
+        return Estimator(load_config(run), run, progress=False).restore_model()
 
     def abstract_state(self) -> dict[str, Any]:
         """Shapes and dtypes of the training state, without allocating it."""
@@ -257,9 +280,7 @@ class Estimator:
         # logging windows of a resumed run are those of an uninterrupted one.
         pending: list[tuple[int, dict]] = []
         if state is None:
-            state = self.init_state()
-            if cfg.warm_start:
-                state = self.warm_start(state)
+            state = self.initial_state()
             step = 0
         else:
             assert step is not None
@@ -450,6 +471,10 @@ class Estimator:
         tmp = output.with_name(output.name + ".tmp.npz")
         arrays = {k: np.concatenate(v) for k, v in chunks.items()}
         arrays["step"] = np.asarray(found, np.int64)
+        dataset = getattr(eval_iterator, "dataset", None)
+        files = dataset().files if dataset is not None else ()
+        if files:  # images read from files: which row is which file
+            arrays["files"] = np.asarray(files)
         np.savez(tmp, **arrays)  # type: ignore[arg-type]
         tmp.replace(output)
         return output

@@ -7,7 +7,14 @@ The family of the model registry: ``Config`` (:class:`ViTConfig`), ``Model`` (:c
 from flaxlab.models.classification import ClassificationTask as Task
 from flaxlab.models.pretrained import load_pretrained, resize_posemb
 from flaxlab.models.vit.checkpoints import vit_params_from_npz
-from flaxlab.models.vit.model import VIT_PATCHES, VIT_SIZES, ViT, ViTConfig, count_parameters
+from flaxlab.models.vit.model import (
+    VIT_PATCHES,
+    VIT_SIZES,
+    ViT,
+    ViTConfig,
+    config_from_checkpoint,
+    count_parameters,
+)
 from flaxlab.models.vit.model import ViT as Model
 from flaxlab.models.vit.model import ViTConfig as Config
 
@@ -19,6 +26,7 @@ __all__ = [
     "Task",
     "ViT",
     "ViTConfig",
+    "config_from_checkpoint",
     "count_parameters",
     "load_pretrained",
     "resize_posemb",

@@ -278,3 +278,17 @@ class ViT(nnx.Module):
 def count_parameters(model: nnx.Module) -> int:
     """Number of trainable parameters of a module."""
     return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# Fields a fine-tuning run keeps from its own config when the model comes from a checkpoint.
+RUN_FIELDS = ("image_size", "dtype", "dropout_rate", "drop_path_rate", "attention")
+
+
+def config_from_checkpoint(path, base: ViTConfig, *, num_classes: int | None = None) -> ViTConfig:
+    """The config of the ViT a released ``.npz`` describes, with ``base``'s run settings
+    (image size, dtype, dropout, stochastic depth, attention kernel) and ``num_classes``
+    (default: the checkpoint's, else ``base``'s)."""
+    fields = vit_config_fields(read_npz(path))
+    fields.update({name: getattr(base, name) for name in RUN_FIELDS})
+    fields["num_classes"] = num_classes or fields.get("num_classes") or base.num_classes
+    return type(base)(**fields) if type(base) is ViTConfig else ViTConfig(**fields)
