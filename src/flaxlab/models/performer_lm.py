@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from flaxlab.models.common import resolve_dtype
 from flaxlab.nn.attention import AttentionConfig
 from flaxlab.nn.favor.causal import favor_causal_init_state, favor_causal_step
 from flaxlab.nn.transformer import Encoder
@@ -49,6 +50,8 @@ class PerformerLMConfig:
       hidden_size, num_layers, num_heads, mlp_dim: transformer shape.
       dropout_rate: dropout after attention and in the MLP (training only).
       attention: the attention kernel; FAVOR+ with 64 random features by default.
+      dtype: computation dtype (``bfloat16``: mixed precision; parameters stay float32 and
+        FAVOR+ computes its features in float32).
     """
 
     vocab_size: int = 256
@@ -59,6 +62,7 @@ class PerformerLMConfig:
     mlp_dim: int = 512
     dropout_rate: float = 0.0
     attention: AttentionConfig = dataclasses.field(default_factory=_default_attention)
+    dtype: str = "float32"
 
     def __post_init__(self):
         if isinstance(self.attention, dict):
@@ -73,6 +77,7 @@ class PerformerLMConfig:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        resolve_dtype(self.dtype)
 
 
 PRESETS = {
@@ -121,9 +126,10 @@ class PerformerLM(nnx.Module):
             c.mlp_dim,
             dropout_rate=c.dropout_rate,
             attention=c.attention,
+            dtype=resolve_dtype(c.dtype),
             rngs=rngs,
         )
-        self.head = nnx.Linear(c.hidden_size, c.vocab_size, rngs=rngs)
+        self.head = nnx.Linear(c.hidden_size, c.vocab_size, dtype=resolve_dtype(c.dtype), rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
         if tokens.ndim != 2:
@@ -132,8 +138,9 @@ class PerformerLM(nnx.Module):
         if length > self.config.seq_len:
             raise ValueError(f"sequence length {length} exceeds seq_len={self.config.seq_len}")
         x = self.embed(tokens) + self.posemb[...][:, :length]
+        x = x.astype(resolve_dtype(self.config.dtype))
         x = self.encoder(x, causal=True, deterministic=deterministic, rngs=rngs)
-        return self.head(x)
+        return self.head(x).astype(jnp.float32)
 
 
 def _kernel_settings(model: PerformerLM):
