@@ -8,6 +8,7 @@ already written in a work directory is changed by a command that fails its check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -112,6 +113,13 @@ def train(
     def run():
         config = get_preset(preset, set_ or [])
         estimator = Estimator(config, workdir, progress=progress)
+        needs = estimator.task.prerequisites(workdir)
+        if needs:  # claim the work directory before runs are made inside it
+            estimator.run_dir.prepare(estimator.config)
+        for name, overrides, path, model in needs:
+            typer.echo(f"training {name} in {path} first (this run needs it)")
+            needed = dataclasses.replace(get_preset(name, overrides), model=model)
+            Estimator(needed, path, progress=progress).train()
         return config, estimator, estimator.train()
 
     config, estimator, final = _run(run)
@@ -292,6 +300,42 @@ def generate(
 
     text = _run(run)
     typer.echo(prompt + text.decode("utf-8", errors="replace"))
+
+
+@app.command()
+def zeroshot(
+    workdir: Annotated[Path, typer.Argument(help="A LiT training work directory.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class names to choose from.")],
+    image: Annotated[list[Path], typer.Option(help="An image file (repeatable).")],
+    top: Annotated[int, typer.Option(help="Labels to print per image.")] = 3,
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+):
+    """Rank class names for images with a LiT model's zero-shot classifier."""
+
+    def run():
+        from flaxlab.data.pipeline import to_float_images
+        from flaxlab.data.sources import load_image_file
+        from flaxlab.models.lit import zero_shot
+        from flaxlab.train import load_config
+
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        if len(names) < 2:
+            raise ValueError(f"--classes {classes!r}: give at least two comma-separated names")
+        config = load_config(workdir)
+        model = _restore_model(workdir, "lit", "zeroshot needs a LiT run", step)
+        tower = config.model.image
+        size, channels = tower.image_size, tower.num_channels
+        pixels = [load_image_file(path, size, channels) for path in image]
+        images = to_float_images(np.stack(pixels))
+        return zero_shot(model, config, names, images), names  # type: ignore[arg-type]
+
+    import numpy as np
+
+    probabilities, names = _run(run)
+    for path, row in zip(image, probabilities, strict=True):
+        ranked = np.argsort(-row)[:top]
+        shown = ", ".join(f"{names[k]} {100 * row[k]:.1f}%" for k in ranked)
+        typer.echo(f"{path}: {shown}")
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from flaxlab.configs.lit import lit_digits
 from flaxlab.configs.text import performer_lm_stdlib
 from flaxlab.configs.vdm import vdm_cifar10, vdm_digits
 from flaxlab.configs.vision import mixer_digits, vit_digits, vit_finetune, vmoe_digits
@@ -23,6 +24,7 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "vdm-digits": vdm_digits,
     "vdm-cifar10": vdm_cifar10,
     "performer-lm-stdlib": performer_lm_stdlib,
+    "lit-digits": lit_digits,
 }
 
 

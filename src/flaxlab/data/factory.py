@@ -21,7 +21,10 @@ from flaxlab.data.sources import (
 
 # Sources for non-image tasks register here: name -> "module:function", the function taking the
 # data config and returning (train_batches(step) -> dict, eval_iterator_factory() -> Iterator).
-_EXTRA_SOURCES: dict[str, str] = {"stdlib_text": "flaxlab.data.text:text_batches"}
+_EXTRA_SOURCES: dict[str, str] = {
+    "stdlib_text": "flaxlab.data.text:text_batches",
+    "digits_captions": "flaxlab.data.captions:captioned_digits",
+}
 IMAGE_SOURCES = ("digits", "npz", "image_folder", "cifar")
 
 

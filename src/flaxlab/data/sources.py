@@ -93,6 +93,22 @@ def _read_image(file: Path, channels: int, image_size: tuple[int, int] | None) -
     return array
 
 
+def load_image_file(
+    path: str | os.PathLike, image_size: tuple[int, int] | None = None, channels: int = 3
+) -> np.ndarray:
+    """One image file as uint8 ``[H, W, channels]``, resized (shorter side) and centre-cropped
+    to ``image_size`` when given."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"image {str(file)!r} does not exist")
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not supported; accepted: [1, 3]")
+    try:
+        return _read_image(file, channels, image_size)
+    except OSError as error:
+        raise ValueError(f"image {str(file)!r} is not readable: {error}") from None
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
 

@@ -185,14 +185,23 @@ class Mixer(nnx.Module):
         assign_params(model, model.pretrained_params(arrays))
         return model
 
-    def __call__(self, images, *, deterministic=True, rngs=None):
+    @property
+    def representation_size(self) -> int:
+        """Width of :meth:`representation` (the hidden size)."""
+        return self.config.hidden_size
+
+    def representation(self, images, *, deterministic=True, rngs=None):
+        """The pooled features the head reads: ``[B, hidden]``."""
         c = self.config
         check_images(images, c.image_size, c.num_channels, "Mixer")
         x = self.stem(images)
         x = x.reshape(x.shape[0], -1, c.hidden_size)
         for block in self.blocks:
             x = block(x, deterministic=deterministic, rngs=rngs)
-        x = self.pre_head_norm(x).mean(axis=1)
+        return self.pre_head_norm(x).mean(axis=1)
+
+    def __call__(self, images, *, deterministic=True, rngs=None):
+        x = self.representation(images, deterministic=deterministic, rngs=rngs)
         return self.head(x).astype(jnp.float32)
 
 

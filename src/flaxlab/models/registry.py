@@ -21,6 +21,7 @@ _FAMILIES: dict[str, str | Any] = {
     "vmoe": "flaxlab.models.vmoe",
     "vdm": "flaxlab.models.vdm",
     "performer_lm": "flaxlab.models.performer_lm",
+    "lit": "flaxlab.models.lit",
 }
 REQUIRED = ("Config", "Model", "Task")
 

@@ -115,14 +115,19 @@ class Estimator:
         """The state a fresh run starts from: :meth:`init_state` with the weights of
         ``init.checkpoint`` and ``train.warm_start`` when set."""
         state = self.init_state()
+        model = nnx.merge(self.graphdef, state["params"], state["rest"])
         if self.config.init.checkpoint:
-            model = nnx.merge(self.graphdef, state["params"], state["rest"])
             load_initial_weights(model, self.config.init.checkpoint, self._restore_run)
-            _, params, _ = split_model(model)
-            params = jax.device_put(params, shd.replicated(self.mesh))
-            state = dict(state, params=params)
-            if "ema" in state:
-                state["ema"] = params
+
+        def load(module, path):
+            load_initial_weights(module, path, self._restore_run)
+
+        self.task.initialize(model, self.workdir, load)
+        _, params, _ = split_model(model)
+        params = jax.device_put(params, shd.replicated(self.mesh))
+        state = dict(state, params=params)
+        if "ema" in state:
+            state["ema"] = params
         if self.config.train.warm_start:
             state = self.warm_start(state)
         return state

@@ -67,6 +67,11 @@ class Task(Protocol):
       (None: all).
     * ``summarize(sums)``: the evaluation metrics from the summed ones.
     * ``headline(metrics)``: one line stating the task's main result.
+    * ``prerequisites(workdir)``: runs to train before this one, as
+      ``(preset name, --set overrides, work directory, model config)`` (``flaxlab train``
+      trains them first; e.g. LiT's image tower).
+    * ``initialize(model, workdir, load)``: after a fresh run's initialisation, load what the
+      task needs into the model (``load(module, path)`` reads any checkpoint flaxlab reads).
     """
 
     config: Any
@@ -88,6 +93,10 @@ class Task(Protocol):
     def summarize(self, sums: dict[str, float]) -> dict[str, float]: ...
 
     def headline(self, metrics: dict[str, float]) -> str: ...
+
+    def prerequisites(self, workdir) -> list[tuple[str, list[str], Any, Any]]: ...
+
+    def initialize(self, model, workdir, load) -> None: ...
 
 
 class TaskBase(abc.ABC):
@@ -143,6 +152,13 @@ class TaskBase(abc.ABC):
         out = {k: float(v) / count for k, v in sums.items() if k != "count"}
         out["count"] = float(sums.get("count", 0.0))
         return out
+
+    def prerequisites(self, workdir) -> list[tuple[str, list[str], Any, Any]]:
+        """None: the run needs no other run."""
+        return []
+
+    def initialize(self, model, workdir, load) -> None:  # noqa: B027 - an optional hook
+        """Nothing to load besides ``init.checkpoint``."""
 
     def headline(self, metrics: dict[str, float]) -> str:
         """``"<best_metric>: <value>"``."""

@@ -207,6 +207,17 @@ class ViT(nnx.Module):
             x = jnp.tanh(self.pre_logits(x))
         return x
 
+    @property
+    def representation_size(self) -> int:
+        """Width of :meth:`representation` (``pre_logits`` width, else the hidden size)."""
+        return self.config.representation_size or self.config.hidden_size
+
+    def representation(self, images, *, deterministic=True, rngs=None):
+        """The pooled features the head reads (after ``pre_logits``): ``[B, width]``."""
+        x = self.embed(images, deterministic=deterministic, rngs=rngs)
+        x = self.encoder(x, deterministic=deterministic, rngs=rngs)
+        return self.pool(x)
+
     def pretrained_params(self, arrays: dict) -> dict:
         """This model's parameter tree from the official ``.npz`` arrays (either naming
         generation), the position embedding resized to this model's grid
