@@ -249,3 +249,41 @@ def test_vit_finetune_from_an_official_checkpoint_on_an_image_folder(tmp_path):
     rows = (workdir / "predictions.csv").read_text().splitlines()
     assert rows[0] == "file,label,probability" and len(rows) == 3
     assert rows[1].split(",")[0].endswith("img0.png") and rows[1].split(",")[1] in ("cat", "dog")
+
+
+def test_lit_digits_trains_its_image_tower_first_then_classifies_zero_shot(tmp_path):
+    from PIL import Image
+
+    from flaxlab.data import load_digits
+
+    workdir = tmp_path / "lit"
+    tiny = [
+        "model.image.hidden_size=16",
+        "model.image.num_layers=1",
+        "model.image.num_heads=2",
+        "model.image.mlp_dim=32",
+        "model.text.hidden_size=16",
+        "model.text.num_layers=1",
+        "model.text.num_heads=2",
+        "model.text.mlp_dim=32",
+        "task.image_train_steps=4",
+        "data.batch_size=16",
+        "train.steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.eval_every=0",
+    ]
+    result = runner.invoke(app, ["train", "lit-digits", "--workdir", str(workdir), *sets(tiny)])
+    assert result.exit_code == 0, result.output
+    assert "training vit-digits in" in result.output  # the image tower, first
+    assert (workdir / "image_tower" / "checkpoints").is_dir()
+    assert result.output.strip().splitlines()[-1].startswith("zero-shot test accuracy: ")
+    digit = load_digits("test").images[0, :, :, 0]
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    args = ["zeroshot", str(workdir), "--classes", "zero,one,two", "--image"]
+    result = runner.invoke(app, args + [str(tmp_path / "digit.png"), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"{tmp_path / 'digit.png'}: ") and line.count("%") == 2
+    result = runner.invoke(app, args + [str(tmp_path / "missing.png")])
+    assert result.exit_code == 2 and "does not exist" in result.output
