@@ -81,12 +81,18 @@ def unflatten_like(template, flat: dict[str, Any]):
 
 
 def abstract_flat(tree, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape/dtype (and target sharding) of each flattened leaf, to restore into."""
-
-    def spec(x):
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
-
-    return {k: spec(v) for k, v in flatten(tree).items()}
+    """Shape/dtype and target sharding of each flattened leaf, to restore into: ``sharding``
+    is one sharding for every leaf, or a tree of them like ``tree`` (a checkpoint restores onto
+    any mesh: the arrays are stored whole and resharded as they are read)."""
+    flat = flatten(tree)
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        shardings = dict.fromkeys(flat, sharding)
+    else:
+        shardings = flatten(sharding)
+    return {
+        k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=shardings[k])
+        for k, v in flat.items()
+    }
 
 
 class Checkpointer:
@@ -130,8 +136,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint of step {step} in {self.directory}; available: {self.steps()}"
             )
+
+        def item_sharding(name):
+            return sharding.get(name) if isinstance(sharding, dict) else sharding
+
         restore: dict[str, Any] = {
-            name: ocp.args.StandardRestore(abstract_flat(tree, sharding))
+            name: ocp.args.StandardRestore(abstract_flat(tree, item_sharding(name)))
             for name, tree in templates.items()
             if name != "meta"
         }

@@ -21,6 +21,7 @@ from flaxlab.data.factory import data_source_names
 from flaxlab.models.registry import family as model_family
 from flaxlab.models.registry import task_class
 from flaxlab.optim.factory import OptimizerConfig
+from flaxlab.train.sharding import MeshConfig
 
 CONFIG_VERSION = 2
 
@@ -92,6 +93,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     description: str = ""
 
     def __post_init__(self):
@@ -181,6 +183,7 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
         ("optimizer", OptimizerConfig),
         ("train", TrainConfig),
         ("init", InitConfig),
+        ("mesh", MeshConfig),
     ):
         if key in data:
             data[key] = dataclass_from_dict(cls, data[key])

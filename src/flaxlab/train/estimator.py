@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -66,7 +67,8 @@ class Estimator:
       config: the experiment.
       workdir: where config, checkpoints, metrics, curves and predictions go.
       progress: show a progress bar (default: when stderr is a terminal).
-      num_devices: use the first N devices (default: all local devices).
+      num_devices: use the first N devices (default: all devices); ``config.mesh`` lays
+        them out.
     """
 
     def __init__(
@@ -84,7 +86,7 @@ class Estimator:
         self.progress = progress
         self.task = make_task(config)
         shd.maybe_initialize_distributed()
-        self.mesh = shd.make_mesh(num_devices)
+        self.mesh = shd.make_mesh(config.mesh, num_devices)
         model = nnx.eval_shape(lambda: self.task.init_model(nnx.Rngs(config.train.seed)))
         self.graphdef, abstract_params, _ = split_model(model)
         self.abstract_params = abstract_params
@@ -96,6 +98,7 @@ class Estimator:
             decay_mask=self.task.weight_decay_mask(abstract_params),
         )
         self.tx = self.task.wrap_optimizer(tx)
+        self.shardings = shd.state_shardings(self.abstract_state(), self.mesh)
         self.train_step = None  # the jitted step, built by train() (assignable, e.g. in tests)
         self._model_steps: dict[str, Any] = {}
         self._stop_signal: int | None = None
@@ -109,7 +112,7 @@ class Estimator:
 
     def init_state(self) -> dict[str, Any]:
         """Fresh parameters, optimizer state, EMA and step, replicated on the mesh."""
-        return jax.jit(self._init_fn(), out_shardings=shd.replicated(self.mesh))()
+        return jax.jit(self._init_fn(), out_shardings=self.shardings)()
 
     def initial_state(self) -> dict[str, Any]:
         """The state a fresh run starts from: :meth:`init_state` with the weights of
@@ -124,10 +127,10 @@ class Estimator:
 
         self.task.initialize(model, self.workdir, load)
         _, params, _ = split_model(model)
-        params = jax.device_put(params, shd.replicated(self.mesh))
+        params = jax.device_put(params, self.shardings["params"])
         state = dict(state, params=params)
-        if "ema" in state:
-            state["ema"] = params
+        if "ema" in state:  # its own buffers: the train step donates both
+            state["ema"] = jax.tree.map(jnp.copy, params)
         if self.config.train.warm_start:
             state = self.warm_start(state)
         return state
@@ -168,7 +171,7 @@ class Estimator:
     def _restore(self, checkpointer: Checkpointer, step: int | None, items=ALL_ITEMS):
         templates = {k: v for k, v in self._items(self.abstract_state()).items() if k in items}
         templates["meta"] = {}
-        sharding = shd.replicated(self.mesh)
+        sharding = self._items(self.shardings)
         if step is None:
             step, restored = checkpointer.restore_latest(templates, sharding)
             if restored is None:
@@ -196,7 +199,7 @@ class Estimator:
         log.info("warm start from %s step %d (%s)", ckpt_dir, step, ", ".join(items))
         state = dict(state, **restored)
         if "ema" in state:
-            state["ema"] = restored["params"]
+            state["ema"] = jax.tree.map(jnp.copy, restored["params"])
         return state
 
     # ------------------------------------------------------------------ steps
@@ -233,7 +236,12 @@ class Estimator:
             ema_decay=cfg.ema_decay,
             grad_fn=grad_fn,
         )
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(
+            step,
+            donate_argnums=0,
+            in_shardings=(self.shardings, shd.batch_sharding(self.mesh)),
+            out_shardings=(self.shardings, shd.replicated(self.mesh)),
+        )
 
     def _model_step(self, method: str):
         """The jitted ``task.<method>`` (evaluate or predict), built once per estimator."""

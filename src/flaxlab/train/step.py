@@ -134,16 +134,17 @@ def make_sharpness_grad_fn(
         metrics = dict(metrics, surrogate_gap=out.perturbed_loss - out.loss, sharpness_rho=rho)
         return (out.loss, (metrics, new_rest)), out.grads
 
-    if scope == "global" or mesh is None or mesh.shape.get("data", 1) == 1:
+    axes = ("data", "fsdp", "expert")  # the batch's mesh axes
+    if scope == "global" or mesh is None or all(mesh.shape.get(a, 1) == 1 for a in axes):
         return compute
 
     def per_device(params, rest, batch, key, step):
-        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+        key = jax.random.fold_in(key, jax.lax.axis_index(axes))
         (loss, (metrics, new_rest)), grads = compute(params, rest, batch, key, step)
-        mean = lambda tree: jax.tree.map(lambda x: jax.lax.pmean(x, "data"), tree)
+        mean = lambda tree: jax.tree.map(lambda x: jax.lax.pmean(x, axes), tree)
         return (mean(loss), (mean(metrics), new_rest)), mean(grads)
 
-    batch_spec = P("data")
+    batch_spec = P(axes)
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
