@@ -103,14 +103,46 @@ def train(
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")
     ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="One process of a multi-host run: jax.distributed.initialize (the cluster "
+            "is detected, or give the three options below or FLAXLAB_* variables)."
+        ),
+    ] = False,
+    coordinator: Annotated[
+        str | None, typer.Option(help="HOST:PORT of process 0 (with --distributed).")
+    ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option(help="Number of processes (with --distributed).")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option(help="This process's index, 0.. (with --distributed).")
+    ] = None,
 ):
     """Train a preset (resuming from the newest checkpoint in WORKDIR) and evaluate it."""
     from flaxlab.configs import get_preset
     from flaxlab.train import Estimator
 
     workdir = workdir or Path("runs") / preset
+    given = [
+        n
+        for n, v in (
+            ("--coordinator", coordinator),
+            ("--num-processes", num_processes),
+            ("--process-id", process_id),
+        )
+        if v is not None
+    ]
+    if given and not distributed:
+        typer.echo(f"error: {', '.join(given)} need --distributed", err=True)
+        raise typer.Exit(2)
 
     def run():
+        if distributed:
+            from flaxlab.train.sharding import initialize_distributed
+
+            initialize_distributed(coordinator, num_processes, process_id)
         config = get_preset(preset, set_ or [])
         estimator = Estimator(config, workdir, progress=progress)
         needs = estimator.task.prerequisites(workdir)
@@ -123,6 +155,8 @@ def train(
         return config, estimator, estimator.train()
 
     config, estimator, final = _run(run)
+    if not estimator.primary:  # process 0 reports
+        return
     if not final:
         typer.echo(f"stopped; checkpoint saved in {workdir}; run the same command to resume")
         return
@@ -336,6 +370,98 @@ def zeroshot(
         ranked = np.argsort(-row)[:top]
         shown = ", ".join(f"{names[k]} {100 * row[k]:.1f}%" for k in ranked)
         typer.echo(f"{path}: {shown}")
+
+
+@app.command()
+def explain(
+    workdir: Annotated[Path, typer.Argument(help="A ViT, V-MoE or Mixer training work directory.")],
+    image: Annotated[Path, typer.Option(help="The image file to explain.")],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG path (default: WORKDIR/explain_<image stem>.png).")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+):
+    """Explain a classifier's prediction on one image in a PNG: attention rollout (ViT, V-MoE)
+    or token-mixing weights (Mixer)."""
+
+    def run():
+        from flaxlab.data.pipeline import to_float_images
+        from flaxlab.data.sources import load_image_file
+        from flaxlab.models.vit.explain import EXPLAINED_FAMILIES, explain_image
+        from flaxlab.train import load_config
+
+        config = load_config(workdir)
+        if config.family not in EXPLAINED_FAMILIES:
+            raise ValueError(
+                f"{workdir} holds a {config.family!r} run, which has no attention or token "
+                f"mixing to explain; accepted families: {list(EXPLAINED_FAMILIES)}"
+            )
+        size, channels = config.model.image_size, config.model.num_channels
+        pixels = load_image_file(image, size, channels)
+        model = _restore_model(workdir, config.family, "explain needs a classifier run", step)
+        output = out or workdir / f"explain_{image.stem}.png"
+        return explain_image(
+            model, to_float_images(pixels[None]), output, class_names=config.data.class_names
+        )
+
+    path, _, probability, name = _run(run)
+    typer.echo(f"predicted {name} ({100 * probability:.1f}%)")
+    typer.echo(str(path))
+
+
+@app.command("export")
+def export_command(
+    workdir: Annotated[Path, typer.Argument(help="A training work directory.")],
+    out: Annotated[Path, typer.Argument(help="T5X checkpoint folder, or the .npz file.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="t5x (any model) or npz (official ViT/Mixer).")
+    ] = "t5x",
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+):
+    """Export a run's model (EMA weights if kept) as a T5X checkpoint or an official .npz;
+    train from it with --set init.checkpoint=OUT."""
+    from flaxlab.train.export import export_run
+
+    written = _run(lambda: export_run(workdir, out, format_, step))
+    typer.echo(f"wrote {written}")
+
+
+@app.command("plan")
+def plan_command(
+    preset: Annotated[str, typer.Argument(help="A preset name (see `flaxlab presets`).")],
+    set_: SetOption = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch size (default: the preset's).")
+    ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(help="Plan for N simulated CPU devices (default: this machine's devices)."),
+    ] = None,
+):
+    """Per-device memory of training PRESET (parameters, optimizer slots, activations) under
+    its mesh, without allocating it; checked against XLA's compiled train step."""
+    import os
+
+    if devices is not None:
+        if devices < 1:
+            typer.echo(f"error: --devices {devices} must be >= 1", err=True)
+            raise typer.Exit(2)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
+    from flaxlab.configs import get_preset
+    from flaxlab.train.plan import format_plan, plan_memory
+
+    def run():
+        import jax
+
+        if devices is not None and jax.device_count() != devices:
+            raise ValueError(
+                f"--devices {devices}: JAX started already with {jax.device_count()} devices"
+            )
+        return plan_memory(get_preset(preset, set_ or []), batch_size=batch_size)
+
+    typer.echo(format_plan(_run(run)))
 
 
 @app.command()

@@ -41,4 +41,26 @@ except ValueError as e:
     assert "12 examples cannot be split over 8 devices" in str(e)
 else:
     raise AssertionError("no error")
+# A run checkpointed under one mesh resumes under another (resharded on load) with the data
+# order and metrics of the uninterrupted run.
+import dataclasses  # noqa: E402
+import shutil  # noqa: E402
+
+from flaxlab.train.metrics import read_jsonl  # noqa: E402
+from flaxlab.train.sharding import MeshConfig  # noqa: E402
+
+steps = ["train.steps=8", "train.checkpoint_every=4", "train.log_every=1", "train.ema_decay=0.9"]
+config = get_preset("vit-digits", TINY + steps)
+Estimator(config, root + "/whole", progress=False).train()  # all 8 devices on data
+shutil.copytree(root + "/whole", root + "/moved")
+shutil.rmtree(root + "/moved/checkpoints/8")
+moved = dataclasses.replace(config, mesh=MeshConfig(data=1, fsdp=4, model=2))
+resumed = Estimator(moved, root + "/moved", progress=False)
+resumed.train()
+assert any(not s.is_fully_replicated for s in jax.tree.leaves(resumed.shardings["params"]))
+whole = read_jsonl(root + "/whole/metrics.jsonl")
+again = read_jsonl(root + "/moved/metrics.jsonl")
+assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in whole]
+for a, b in zip(whole, again):
+    assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
 print("MULTIDEVICE-OK")

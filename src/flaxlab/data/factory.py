@@ -127,10 +127,12 @@ def make_data(config) -> tuple[Callable[[int], dict], Callable[[], Iterator[dict
 class _LazyTrainBatches:
     """Loads the training split at the first batch (evaluation and prediction never do)."""
 
+    accepts_rows = True  # batches(step, rows=...) reads only those rows (one host's share)
+
     def __init__(self, build: Callable[[], TrainBatches]):
         self._build, self._batches = build, None
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def __call__(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if self._batches is None:
             self._batches = self._build()
-        return self._batches(step)
+        return self._batches(step, rows)

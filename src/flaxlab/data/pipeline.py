@@ -85,10 +85,27 @@ class TrainBatches:
         if len(self.dataset) == 0:
             raise ValueError("the training set is empty")
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def __call__(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The batch of ``step``; ``rows``: only those rows of it (one host's share on
+        several hosts). Without augmentation only those examples are read; augmentations
+        draw for the whole batch in sequence, so with them the batch is built whole and
+        sliced (every host's rows equal one process's)."""
+        idx = batch_indices(self.seed, step, self.batch_size, len(self.dataset))
+        plain = not (
+            self.crop_padding or self.flip or self.inception_crop or self.randaug
+        ) and not (self.mixup_alpha > 0)
+        if rows is not None and plain:
+            idx = idx[rows]
+            return {
+                "image": to_float_images(self.dataset.images[idx]),
+                "label": self.dataset.labels[idx],
+            }
+        batch = self._augmented(step, idx)
+        return batch if rows is None else {k: v[rows] for k, v in batch.items()}
+
+    def _augmented(self, step: int, idx: np.ndarray) -> dict[str, np.ndarray]:
         from flaxlab.data.augment import augment_batch, mixup
 
-        idx = batch_indices(self.seed, step, self.batch_size, len(self.dataset))
         images = self.dataset.images[idx]
         labels = self.dataset.labels[idx]
         extended = self.inception_crop or self.randaug is not None

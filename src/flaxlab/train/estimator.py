@@ -32,7 +32,7 @@ from flaxlab.train import sharding as shd
 from flaxlab.train.checkpoints import Checkpointer, CheckpointError
 from flaxlab.train.config import ExperimentConfig
 from flaxlab.train.initialize import load_initial_weights, resolve_config
-from flaxlab.train.metrics import MetricsWriter, Progress, plot_curves, read_jsonl
+from flaxlab.train.metrics import MetricsWriter, NullWriter, Progress, plot_curves, read_jsonl
 from flaxlab.train.step import (
     make_init_fn,
     make_model_step,
@@ -48,6 +48,9 @@ log = logging.getLogger("flaxlab")
 # evaluation, prediction and sampling read.
 MODEL_ITEMS = ("params", "extra")
 ALL_ITEMS = ("params", "opt_state", "extra")
+# On several hosts the processes agree every this many steps whether one of them was asked
+# to stop (SIGTERM, SIGINT); all then save the same step and stop.
+STOP_CHECK_EVERY = 10
 
 
 def load_config(workdir: str | Path) -> ExperimentConfig:
@@ -79,13 +82,14 @@ class Estimator:
         progress: bool | None = None,
         num_devices: int | None = None,
     ):
+        shd.maybe_initialize_distributed()
         config = resolve_config(config)
         self.config = config
         self.workdir = Path(workdir)
-        self.run_dir = Workdir(workdir)
-        self.progress = progress
+        self.primary = shd.is_primary()
+        self.run_dir = Workdir(workdir, primary=self.primary)
+        self.progress = progress if self.primary else False
         self.task = make_task(config)
-        shd.maybe_initialize_distributed()
         self.mesh = shd.make_mesh(config.mesh, num_devices)
         model = nnx.eval_shape(lambda: self.task.init_model(nnx.Rngs(config.train.seed)))
         self.graphdef, abstract_params, _ = split_model(model)
@@ -280,15 +284,23 @@ class Estimator:
         """
         cfg = self.config.train
         self.run_dir.prepare(self.config)
-        writer = MetricsWriter(
-            self.run_dir.metrics_path, self.workdir / "tensorboard" if cfg.tensorboard else None
-        )
+        shd.sync("flaxlab-prepared")
+        if self.primary:
+            writer = MetricsWriter(
+                self.run_dir.metrics_path,
+                self.workdir / "tensorboard" if cfg.tensorboard else None,
+            )
+        else:
+            writer = NullWriter(self.run_dir.metrics_path)
         train_batches, eval_iterator = make_data(self.config.data)
         checkpointer = Checkpointer(self.run_dir.checkpoints, cfg.keep_checkpoints)
         step, state = self._restore(checkpointer, None)
         # A damaged checkpoint newer than the one resumed from would block the re-trained
-        # step's save: it is moved aside (kept for inspection) first.
-        checkpointer.set_aside_damaged()
+        # step's save: it is moved aside (kept for inspection) first, by process 0.
+        if self.primary:
+            checkpointer.set_aside_damaged()
+        shd.sync("flaxlab-set-aside")
+        checkpointer.manager.reload()
         # Metrics of the steps after the last log record travel with the checkpoint, so the
         # logging windows of a resumed run are those of an uninterrupted one.
         pending: list[tuple[int, dict]] = []
@@ -313,12 +325,11 @@ class Estimator:
         try:
             with Progress(cfg.steps, step, self.progress) as progress:
                 while step < cfg.steps:
-                    batch = shd.shard_batch(train_batches(step), self.mesh)
-                    state, metrics = self.train_step(state, batch)
+                    state, metrics = self.train_step(state, self._train_batch(train_batches, step))
                     step += 1
                     pending.append((step, metrics))
                     progress.advance(step)
-                    stopping = self._stop_signal is not None
+                    stopping = self._stopping(step)
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         means = self._write_train_record(pending, writer, last_saved)
                         pending = []
@@ -333,9 +344,11 @@ class Estimator:
                         checkpointer.close()
                         self.run_dir.write_status("stopped", step)
                         log.warning(
-                            "stopped by signal %d at step %d; checkpoint saved, "
+                            "stopped by %s at step %d; checkpoint saved, "
                             "run the same command again to resume",
-                            self._stop_signal,
+                            f"signal {self._stop_signal}"
+                            if self._stop_signal
+                            else "a signal to another process",
                             step,
                         )
                         return {}
@@ -343,7 +356,8 @@ class Estimator:
             final = self._evaluate_state(state, eval_iterator)
             if not any(r["step"] == step and r["split"] == "eval" for r in read_jsonl(writer.path)):
                 writer.write(step, "eval", final)
-            plot_curves(self.run_dir.metrics_path, self.workdir / "curves.png")
+            if self.primary:
+                plot_curves(self.run_dir.metrics_path, self.workdir / "curves.png")
             self.run_dir.write_status("done", step, final=final)
             return final
         except BaseException as error:
@@ -357,6 +371,23 @@ class Estimator:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _train_batch(self, train_batches, step: int):
+        """The batch of ``step`` on the mesh; on several hosts each reads only its rows when
+        the source can."""
+        if jax.process_count() > 1 and getattr(train_batches, "accepts_rows", False):
+            rows = shd.process_rows(self.mesh, self.config.data.batch_size)
+            return shd.shard_batch(train_batches(step, rows), self.mesh, local=True)
+        return shd.shard_batch(train_batches(step), self.mesh)
+
+    def _stopping(self, step: int) -> bool:
+        """Whether to save and stop after ``step``: a signal arrived (on several hosts: at
+        any process, agreed every :data:`STOP_CHECK_EVERY` steps, so all stop together)."""
+        if jax.process_count() == 1:
+            return self._stop_signal is not None
+        if step % STOP_CHECK_EVERY:
+            return False
+        return shd.any_process(self._stop_signal is not None)
 
     def _checked(self, pending, last_saved) -> list[tuple[int, dict[str, float]]]:
         """The pending steps' metrics on the host; stops on a non-finite loss."""

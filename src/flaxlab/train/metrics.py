@@ -38,6 +38,20 @@ class MetricsWriter:
             self.tensorboard.write(step, split, metrics)
 
 
+class NullWriter(MetricsWriter):
+    """Writes nothing: the metrics writer of every process but the first on several hosts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensorboard = None
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        pass
+
+
 def _to_json(value):
     value = float(value)
     return value if math.isfinite(value) else str(value)

@@ -125,10 +125,8 @@ def initialize_distributed(
 
 
 def maybe_initialize_distributed() -> None:
-    """Starts the multi-host runtime when a coordinator is configured in the environment
-    (``FLAXLAB_COORDINATOR`` or ``JAX_COORDINATOR_ADDRESS``)."""
-    env = os.environ
-    if env.get("FLAXLAB_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS"):
+    """Starts the multi-host runtime when ``FLAXLAB_COORDINATOR`` is set in the environment."""
+    if os.environ.get("FLAXLAB_COORDINATOR"):
         initialize_distributed()
 
 
@@ -270,25 +268,65 @@ def state_shardings(state: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     return out
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, split along the batch axes.
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold, in
+    order (every row on one host)."""
+    if jax.process_count() == 1:
+        return np.arange(batch_size)
+    sharding = batch_sharding(mesh)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(batch_size)[index[0]] if index else range(batch_size))
+    return np.asarray(sorted(rows), np.int64)
 
-    On several hosts each host passes its own rows (its share of the global batch, in process
-    order); the global batch is their concatenation.
+
+def shard_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, *, local: bool = False
+) -> dict[str, jax.Array]:
+    """Places a batch on the mesh, split along the batch axes.
+
+    ``batch`` is the global batch, of which each host keeps the rows its devices hold
+    (:func:`process_rows`); with ``local=True`` it is already this host's rows (the data
+    pipeline read only those).
     """
     sharding = batch_sharding(mesh)
     devices = batch_devices(mesh)
-    share = devices // jax.process_count() if jax.process_count() > 1 else devices
+    hosts = jax.process_count()
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)
-        if value.shape[0] % share:
+        rows = value.shape[0] * (hosts if local else 1)
+        if rows % devices:
             raise ValueError(
-                f"batch of {value.shape[0]} examples cannot be split over {devices} devices; "
+                f"batch of {rows} examples cannot be split over {devices} devices; "
                 f"use a batch size divisible by {devices}"
             )
-        if jax.process_count() == 1:
+        if hosts == 1:
             out[key] = jax.device_put(value, sharding)  # the cheaper path on one host
-        else:
-            out[key] = jax.make_array_from_process_local_data(sharding, value)
+            continue
+        if not local:
+            value = value[process_rows(mesh, rows)]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, (rows, *value.shape[1:]))
     return out
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes metrics, status and plots."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

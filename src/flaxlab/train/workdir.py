@@ -72,8 +72,10 @@ class Workdir:
       path: the directory (created by :meth:`prepare`).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, primary: bool = True):
         self.path = Path(path)
+        # On several hosts only process 0 writes (the others check and read).
+        self.primary = primary
 
     @property
     def config_path(self) -> Path:
@@ -125,13 +127,14 @@ class Workdir:
                     f"({first_difference(theirs, mine)}); nothing was changed. "
                     "Use another --workdir, or delete this one to start over."
                 )
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.primary and self.path.exists() and any(self.path.iterdir()):
             raise WorkdirMismatchError(
                 f"{self.path} is not empty and holds no flaxlab run; nothing was changed. "
                 "Use an empty or new --workdir."
             )
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_path, to_dict(config), indent=2)
+        if self.primary:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.config_path, to_dict(config), indent=2)
 
     # ------------------------------------------------------------------ status
 
@@ -139,6 +142,8 @@ class Workdir:
         """``status.json``: ``running``, ``stopped``, ``done`` or ``failed`` at ``step``."""
         import time
 
+        if not self.primary:
+            return
         record = {"state": state, "step": int(step), "time": time.time(), **extra}
         atomic_write_json(self.path / "status.json", record)
 
