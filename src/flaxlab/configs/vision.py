@@ -50,8 +50,8 @@ def vit_digits() -> ExperimentConfig:
 def mixer_digits() -> ExperimentConfig:
     """A small MLP-Mixer on the bundled 8x8 digits (patch 2, 4 blocks, width 64).
 
-    Command: ``flaxlab train mixer-digits``. Expected: see README (measured with the same
-    2,000-step schedule as ``vit-digits``).
+    Command: ``flaxlab train mixer-digits``. Expected: 99.17% test accuracy (2,000 steps, the
+    same schedule as ``vit-digits``) in about 40 seconds on 2 cores (measured, seed 0).
     """
     model = MixerConfig(
         num_classes=10,
@@ -77,9 +77,9 @@ def mixer_digits() -> ExperimentConfig:
 def vmoe_digits() -> ExperimentConfig:
     """V-MoE on the bundled 8x8 digits: vit-digits with 4-expert top-2 MoE MLPs in blocks 1, 3.
 
-    Command: ``flaxlab train vmoe-digits``. Expected: ~94% test accuracy (1,000 steps of a plain
-    optax loop measured 93.9%, benchmarks/moe.py --digits). Change the routing at evaluation
-    time without retraining: ``flaxlab eval WORKDIR --set model.moe.num_selected_experts=1``.
+    Command: ``flaxlab train vmoe-digits``. Expected: 96.67% test accuracy (2,000 steps) in about
+    a minute on 2 cores (measured, seed 0). Change the routing at evaluation time without
+    retraining: ``flaxlab eval WORKDIR --set model.moe.num_selected_experts=1``.
     """
     base = vit_digits()
     model = VMoEConfig(

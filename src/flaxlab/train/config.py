@@ -44,6 +44,9 @@ class TrainConfig:
       keep_best: ``flaxlab eval --watch`` keeps the best K checkpoints by the task's
         ``task.best_metric``.
       tensorboard: also write TensorBoard event files (needs the ``tb`` extra).
+      prefetch: prepare (read, augment, place on the devices) this many batches ahead in a
+        background thread while the devices train (0: in the loop). The batches are the
+        same either way: each is a function of (data seed, step).
     """
 
     steps: int = 1000
@@ -57,6 +60,11 @@ class TrainConfig:
     warm_start_optimizer: bool = False
     keep_best: int = 1
     tensorboard: bool = False
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.prefetch < 0:
+            raise ValueError(f"train.prefetch={self.prefetch} must be >= 0 (0: no prefetch)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from flaxlab.train.checkpoints import Checkpointer, CheckpointError
 from flaxlab.train.config import ExperimentConfig
 from flaxlab.train.initialize import load_initial_weights, resolve_config
 from flaxlab.train.metrics import MetricsWriter, NullWriter, Progress, plot_curves, read_jsonl
+from flaxlab.train.prefetch import Prefetcher
 from flaxlab.train.step import (
     make_init_fn,
     make_model_step,
@@ -323,9 +324,12 @@ class Estimator:
         self._window_start = None  # the first window (compilation) reports no throughput
         last_saved = step if step else None
         try:
-            with Progress(cfg.steps, step, self.progress) as progress:
+            prefetcher = Prefetcher(
+                lambda i: self._train_batch(train_batches, i), step, cfg.steps, cfg.prefetch
+            )
+            with Progress(cfg.steps, step, self.progress) as progress, prefetcher:
                 while step < cfg.steps:
-                    state, metrics = self.train_step(state, self._train_batch(train_batches, step))
+                    state, metrics = self.train_step(state, prefetcher.get(step))
                     step += 1
                     pending.append((step, metrics))
                     progress.advance(step)
