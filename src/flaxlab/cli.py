@@ -442,6 +442,7 @@ def plan_command(
     its mesh, without allocating it; checked against XLA's compiled train step."""
     import os
 
+    saved = {k: os.environ.get(k) for k in ("JAX_PLATFORMS", "XLA_FLAGS")}
     if devices is not None:
         if devices < 1:
             typer.echo(f"error: --devices {devices} must be >= 1", err=True)
@@ -455,10 +456,17 @@ def plan_command(
     def run():
         import jax
 
-        if devices is not None and jax.device_count() != devices:
-            raise ValueError(
-                f"--devices {devices}: JAX started already with {jax.device_count()} devices"
-            )
+        try:
+            count = jax.device_count()
+        finally:
+            # JAX has read the flags; processes started later must not inherit them.
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        if devices is not None and count != devices:
+            raise ValueError(f"--devices {devices}: JAX started already with {count} devices")
         return plan_memory(get_preset(preset, set_ or []), batch_size=batch_size)
 
     typer.echo(format_plan(_run(run)))

@@ -1,5 +1,7 @@
 """``flaxlab plan``: per-device memory without allocating, against XLA's compiled step."""
 
+import os
+
 import pytest
 from typer.testing import CliRunner
 
@@ -36,5 +38,8 @@ def test_plan_command_prints_the_table_and_rejects_bad_input():
     assert lines[-1].startswith("XLA's compiled train step: ")
     bad = runner.invoke(app, ["plan", "vit-digits", "--batch-size", "0"])
     assert bad.exit_code == 2 and "--batch-size 0 must be >= 1" in bad.output
+    env = {k: os.environ.get(k) for k in ("JAX_PLATFORMS", "XLA_FLAGS")}
     bad = runner.invoke(app, ["plan", "vit-digits", "--devices", "3"])
     assert bad.exit_code == 2 and "--devices 3: JAX started already with 1 devices" in bad.output
+    # The flags are for this process's JAX only: processes started later must not inherit them.
+    assert {k: os.environ.get(k) for k in env} == env
