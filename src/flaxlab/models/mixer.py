@@ -31,6 +31,7 @@ from flaxlab.models.pretrained import (
     norm_params,
     read_npz,
 )
+from flaxlab.nn.layers_scan import check_remat, run_blocks
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, drop_path, gelu
 
 # name: (hidden_size, num_blocks, tokens_mlp_dim, channels_mlp_dim), as in the reference.
@@ -45,7 +46,11 @@ MIXER_BLOCK = "MixerBlock_{i}/"
 
 @dataclasses.dataclass(frozen=True)
 class MixerConfig:
-    """Configuration of a :class:`Mixer`. Build named variants with :meth:`variant`."""
+    """Configuration of a :class:`Mixer`. Build named variants with :meth:`variant`.
+
+    ``remat`` and ``scan_layers``: per-block rematerialisation and one ``jax.lax.scan`` over
+    the blocks, as :class:`~flaxlab.models.vit.ViTConfig`'s.
+    """
 
     num_classes: int = 10
     image_size: tuple[int, int] = (224, 224)
@@ -57,6 +62,8 @@ class MixerConfig:
     channels_mlp_dim: int = 3072
     drop_path_rate: float = 0.0
     dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", to_pair(self.image_size, "image_size"))
@@ -67,6 +74,7 @@ class MixerConfig:
         if self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes} must be >= 1")
         resolve_dtype(self.dtype)
+        check_remat(self.remat)
 
     @property
     def num_patches(self) -> int:
@@ -112,11 +120,13 @@ class MixerBlock(nnx.Module):
         self.channel_mixing = MixerMlp(c.hidden_size, c.channels_mlp_dim, dtype=dtype, rngs=rngs)
         self.drop_path_rate = drop_path_rate
 
-    def __call__(self, x, *, deterministic=True, rngs=None):
+    def __call__(self, x, *, deterministic=True, rngs=None, drop_path_rate=None):
+        """``drop_path_rate`` overrides the block's own (a layer scan passes each block's)."""
         kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         y = self.token_mixing(jnp.swapaxes(self.norm1(x), 1, 2))
-        x = x + drop_path(jnp.swapaxes(y, 1, 2), self.drop_path_rate, **kw)
-        return x + drop_path(self.channel_mixing(self.norm2(x)), self.drop_path_rate, **kw)
+        x = x + drop_path(jnp.swapaxes(y, 1, 2), rate, **kw)
+        return x + drop_path(self.channel_mixing(self.norm2(x)), rate, **kw)
 
 
 class Mixer(nnx.Module):
@@ -196,8 +206,20 @@ class Mixer(nnx.Module):
         check_images(images, c.image_size, c.num_channels, "Mixer")
         x = self.stem(images)
         x = x.reshape(x.shape[0], -1, c.hidden_size)
-        for block in self.blocks:
-            x = block(x, deterministic=deterministic, rngs=rngs)
+
+        def call(block, x, rngs, **overrides):
+            return block(x, deterministic=deterministic, rngs=rngs, **overrides), None
+
+        x, _ = run_blocks(
+            self.blocks,
+            x,
+            call,
+            rngs=rngs,
+            remat=c.remat,
+            scan=c.scan_layers,
+            varying=("drop_path_rate",),
+            owner="Mixer",
+        )
         return self.pre_head_norm(x).mean(axis=1)
 
     def __call__(self, images, *, deterministic=True, rngs=None):
@@ -290,11 +312,17 @@ def mixer_config_fields(arrays: dict[str, np.ndarray]) -> dict:
 def config_from_checkpoint(
     path, base: MixerConfig, *, num_classes: int | None = None
 ) -> MixerConfig:
-    """The config of the Mixer a released ``.npz`` describes, with ``base``'s dtype and
-    stochastic depth and ``num_classes`` (default: the checkpoint's, else ``base``'s)."""
+    """The config of the Mixer a released ``.npz`` describes, with ``base``'s dtype,
+    stochastic depth, remat and layer scan, and ``num_classes`` (default: the checkpoint's,
+    else ``base``'s)."""
     arrays = {k.removeprefix("params/"): v for k, v in read_npz(path).items()}
     fields = mixer_config_fields(arrays)
-    fields.update(dtype=base.dtype, drop_path_rate=base.drop_path_rate)
+    fields.update(
+        dtype=base.dtype,
+        drop_path_rate=base.drop_path_rate,
+        remat=base.remat,
+        scan_layers=base.scan_layers,
+    )
     fields["num_classes"] = num_classes or fields.get("num_classes") or base.num_classes
     return MixerConfig(**fields)
 

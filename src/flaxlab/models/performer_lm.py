@@ -32,6 +32,7 @@ from flax import nnx
 from flaxlab.models.common import resolve_dtype
 from flaxlab.nn.attention import AttentionConfig
 from flaxlab.nn.favor.causal import favor_causal_init_state, favor_causal_step
+from flaxlab.nn.layers_scan import check_remat
 from flaxlab.nn.transformer import Encoder
 from flaxlab.train.task import Batch, TaskBase, TaskConfig
 
@@ -52,6 +53,9 @@ class PerformerLMConfig:
       attention: the attention kernel; FAVOR+ with 64 random features by default.
       dtype: computation dtype (``bfloat16``: mixed precision; parameters stay float32 and
         FAVOR+ computes its features in float32).
+      remat: per-block rematerialisation, ``"none"``, ``"full"``, ``"dots"`` or
+        ``"dots_no_batch"`` (:mod:`flaxlab.nn.layers_scan`).
+      scan_layers: run the blocks with one ``jax.lax.scan`` (same parameters and results).
     """
 
     vocab_size: int = 256
@@ -63,6 +67,8 @@ class PerformerLMConfig:
     dropout_rate: float = 0.0
     attention: AttentionConfig = dataclasses.field(default_factory=_default_attention)
     dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if isinstance(self.attention, dict):
@@ -78,6 +84,7 @@ class PerformerLMConfig:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         resolve_dtype(self.dtype)
+        check_remat(self.remat)
 
 
 PRESETS = {
@@ -127,6 +134,8 @@ class PerformerLM(nnx.Module):
             dropout_rate=c.dropout_rate,
             attention=c.attention,
             dtype=resolve_dtype(c.dtype),
+            remat=c.remat,
+            scan_layers=c.scan_layers,
             rngs=rngs,
         )
         self.head = nnx.Linear(c.hidden_size, c.vocab_size, dtype=resolve_dtype(c.dtype), rngs=rngs)

@@ -39,6 +39,7 @@ from flax import nnx
 from flaxlab.models.classification import ClassificationTask
 from flaxlab.models.common import parse_variant, resolve_dtype
 from flaxlab.models.vit.model import ViT, ViTConfig
+from flaxlab.nn.layers_scan import run_blocks
 from flaxlab.nn.moe import DISPATCH_KINDS, ROUTING_KINDS, MoeLayer
 from flaxlab.nn.transformer import LAYERNORM_EPSILON, EncoderBlock, drop_path
 
@@ -216,19 +217,27 @@ class MoeEncoderBlock(EncoderBlock):
             rngs=rngs,
         )
 
-    def __call__(self, x, *, deterministic=True, rngs=None, **routing):
+    def __call__(self, x, *, deterministic=True, rngs=None, drop_path_rate=None, **routing):
         kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs)
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         y = self.attn(self.norm1(x), **kw)
-        x = x + drop_path(self.dropout(y, **kw), self.drop_path_rate, **kw)
+        x = x + drop_path(self.dropout(y, **kw), rate, **kw)
         y, aux = self.mlp(self.norm2(x), **kw, **routing)
-        return x + drop_path(y.astype(x.dtype), self.drop_path_rate, **kw), aux
+        return x + drop_path(y.astype(x.dtype), rate, **kw), aux
 
 
 class MoeEncoder(nnx.Module):
-    """Encoder blocks (dense or MoE) and a final LayerNorm; returns ``(x, {block: aux})``."""
+    """Encoder blocks (dense or MoE) and a final LayerNorm; returns ``(x, {block: aux})``.
+
+    With ``scan_layers`` each repeated block pattern is one ``jax.lax.scan``: MoE every second
+    block scans (dense, MoE) pairs; MoE in the last blocks scans the dense run below them and
+    applies the rest unrolled (:func:`~flaxlab.nn.layers_scan.scan_segments`).
+    """
 
     def __init__(self, config: VMoEConfig, *, rngs: nnx.Rngs):
         c = config
+        self.remat = c.remat
+        self.scan_layers = c.scan_layers
         common: dict[str, Any] = dict(
             dropout_rate=c.dropout_rate,
             attention=c.attention,
@@ -251,12 +260,23 @@ class MoeEncoder(nnx.Module):
         self.encoder_norm = nnx.LayerNorm(c.hidden_size, epsilon=LAYERNORM_EPSILON, rngs=rngs)
 
     def __call__(self, x, *, deterministic=True, rngs=None, **routing):
-        aux = {}
-        for i, block in enumerate(self.blocks):
+        def call(block, x, rngs, **overrides):
+            kw: dict[str, Any] = dict(deterministic=deterministic, rngs=rngs, **overrides)
             if isinstance(block, MoeEncoderBlock):
-                x, aux[i] = block(x, deterministic=deterministic, rngs=rngs, **routing)
-            else:
-                x = block(x, deterministic=deterministic, rngs=rngs)
+                return block(x, **kw, **routing)
+            return block(x, **kw), None
+
+        x, extras = run_blocks(
+            self.blocks,
+            x,
+            call,
+            rngs=rngs,
+            remat=self.remat,
+            scan=self.scan_layers,
+            varying=("drop_path_rate",),
+            owner="V-MoE",
+        )
+        aux = {i: extra for i, extra in enumerate(extras) if extra is not None}
         return self.encoder_norm(x), aux
 
 
@@ -373,7 +393,8 @@ def upcycle(dense: ViT, moe_model: VMoE) -> VMoE:
 
 def config_from_checkpoint(path, base: VMoEConfig, *, num_classes: int | None = None):
     """The config of the V-MoE a released checkpoint (``<prefix>.index``) describes, with
-    ``base``'s image size, dtype and dropout, and ``num_classes`` (default: the checkpoint's)."""
+    ``base``'s image size, dtype, dropout, remat and layer scan, and ``num_classes`` (default:
+    the checkpoint's)."""
     from flaxlab.models.vmoe_checkpoints import config_from_vmoe_params, read_vmoe_checkpoint
 
     params = read_vmoe_checkpoint(str(path), subtree=None)
@@ -382,6 +403,8 @@ def config_from_checkpoint(path, base: VMoEConfig, *, num_classes: int | None = 
         dtype=base.dtype,
         dropout_rate=base.dropout_rate,
         drop_path_rate=base.drop_path_rate,
+        remat=base.remat,
+        scan_layers=base.scan_layers,
     )
     if num_classes is not None:
         overrides["num_classes"] = num_classes

@@ -9,6 +9,7 @@ from flaxlab.nn.attention import (
     make_attention_kernel,
     register_attention_kernel,
 )
+from flaxlab.nn.layers_scan import REMAT_POLICIES, run_blocks
 from flaxlab.nn.moe import (
     MoeLayer,
     MoeMlp,
@@ -39,6 +40,7 @@ __all__ = [
     "MoeLayer",
     "MoeMlp",
     "MultiHeadAttention",
+    "REMAT_POLICIES",
     "Router",
     "SoftMoeLayer",
     "SoftmaxKernel",
@@ -51,6 +53,7 @@ __all__ = [
     "moe",
     "moe_mlp",
     "register_attention_kernel",
+    "run_blocks",
     "soft_moe",
     "top_k_routing",
 ]

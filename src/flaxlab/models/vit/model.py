@@ -28,6 +28,7 @@ from flaxlab.models.pretrained import assign_params, read_npz, resize_posemb
 from flaxlab.models.vit.checkpoints import vit_config_fields, vit_params_from_npz, vit_params_to_npz
 from flaxlab.models.vit.resnet import ResNetStem, resnet_downsampling, resnet_out_channels
 from flaxlab.nn.attention import AttentionConfig
+from flaxlab.nn.layers_scan import check_remat
 from flaxlab.nn.transformer import Encoder
 
 # name: (hidden_size, num_layers, num_heads, mlp_dim), as in the reference's model configs.
@@ -48,7 +49,13 @@ CAPTURES = ("attention", "features")
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """Configuration of a :class:`ViT`. Build named variants with :meth:`variant`."""
+    """Configuration of a :class:`ViT`. Build named variants with :meth:`variant`.
+
+    ``remat`` (``"none"``, ``"full"``, ``"dots"``, ``"dots_no_batch"``) rematerialises each
+    encoder block in the backward pass; ``scan_layers`` runs the blocks with one
+    ``jax.lax.scan`` (one block compiled). Neither changes the parameters or the results
+    (:mod:`flaxlab.nn.layers_scan`).
+    """
 
     num_classes: int = 10
     image_size: tuple[int, int] = (224, 224)
@@ -66,6 +73,8 @@ class ViTConfig:
     dtype: str = "float32"
     resnet_layers: tuple[int, ...] | None = None
     resnet_width: float = 1.0
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", to_pair(self.image_size, "image_size"))
@@ -76,6 +85,7 @@ class ViTConfig:
             raise ValueError(
                 f"classifier={self.classifier!r} is not supported; accepted: {list(CLASSIFIERS)}"
             )
+        check_remat(self.remat)
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         scale = self.downsampling
@@ -184,6 +194,8 @@ class ViT(nnx.Module):
             drop_path_rate=c.drop_path_rate,
             attention=c.attention,
             dtype=resolve_dtype(c.dtype),
+            remat=c.remat,
+            scan_layers=c.scan_layers,
             rngs=rngs,
         )
 
@@ -292,13 +304,21 @@ def count_parameters(model: nnx.Module) -> int:
 
 
 # Fields a fine-tuning run keeps from its own config when the model comes from a checkpoint.
-RUN_FIELDS = ("image_size", "dtype", "dropout_rate", "drop_path_rate", "attention")
+RUN_FIELDS = (
+    "image_size",
+    "dtype",
+    "dropout_rate",
+    "drop_path_rate",
+    "attention",
+    "remat",
+    "scan_layers",
+)
 
 
 def config_from_checkpoint(path, base: ViTConfig, *, num_classes: int | None = None) -> ViTConfig:
     """The config of the ViT a released ``.npz`` describes, with ``base``'s run settings
-    (image size, dtype, dropout, stochastic depth, attention kernel) and ``num_classes``
-    (default: the checkpoint's, else ``base``'s)."""
+    (image size, dtype, dropout, stochastic depth, attention kernel, remat, layer scan) and
+    ``num_classes`` (default: the checkpoint's, else ``base``'s)."""
     fields = vit_config_fields(read_npz(path))
     fields.update({name: getattr(base, name) for name in RUN_FIELDS})
     fields["num_classes"] = num_classes or fields.get("num_classes") or base.num_classes
