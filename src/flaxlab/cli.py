@@ -205,59 +205,17 @@ def predict(
 ):
     """Write the model's predictions for a data set to an .npz file."""
     from flaxlab.train import Estimator, load_config
+    from flaxlab.train.predictions import data_config_for, labels_csv
 
     def run():
         config = load_config(workdir)
-        data_config = _data_config_for(config.data, data)
+        data_config = data_config_for(config.data, data)
         estimator = Estimator(config, workdir, progress=False)
         path = estimator.predict(data_config, output or workdir / "predictions.npz", step)
-        return path, _labels_csv(path, config.data.class_names)
+        return path, labels_csv(path, config.data.class_names)
 
     path, table = _run(run)
     typer.echo(f"predictions written to {path}" + (f" and {table}" if table else ""))
-
-
-def _labels_csv(path: Path, class_names) -> Path | None:
-    """For images read from files: ``file,label,probability`` rows next to the .npz."""
-    import csv
-
-    import numpy as np
-
-    with np.load(path) as p:
-        if "files" not in p.files or "prediction" not in p.files:
-            return None
-        files, predicted = p["files"], p["prediction"]
-        confidence = p["probabilities"].max(-1) if "probabilities" in p.files else None
-    table = path.with_suffix(".csv")
-    tmp = table.with_name(table.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "label", "probability"])
-        for i, (file, k) in enumerate(zip(files, predicted, strict=True)):
-            name = class_names[k] if class_names and k < len(class_names) else str(k)
-            writer.writerow([file, name, "" if confidence is None else f"{confidence[i]:.4f}"])
-    tmp.replace(table)
-    return table
-
-
-def _data_config_for(base, data: str):
-    import dataclasses
-
-    fields = dict(source=None, augreg=None)
-    if data == "digits":
-        return dataclasses.replace(base, name="digits", **fields)
-    path = Path(data)
-    if path.suffix == ".npz":
-        return dataclasses.replace(base, name="npz", path=str(path), eval_path=str(path), **fields)
-    if (path / "test_batch").exists() or (path / "test").is_file():
-        return dataclasses.replace(base, name="cifar", path=str(path), **fields)
-    if path.is_dir():
-        return dataclasses.replace(
-            base, name="image_folder", path=str(path), eval_path=str(path), **fields
-        )
-    raise ValueError(
-        f"--data {data!r} is neither 'digits', an .npz file, a CIFAR folder nor an image folder"
-    )
 
 
 def _restore_model(workdir: Path, family: str, needs: str, step: int | None):

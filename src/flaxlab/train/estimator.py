@@ -29,7 +29,7 @@ from flaxlab.data.factory import make_data
 from flaxlab.models.registry import task_class
 from flaxlab.optim.factory import make_optimizer, make_schedule, peak_learning_rate
 from flaxlab.train import sharding as shd
-from flaxlab.train.checkpoints import Checkpointer, CheckpointError
+from flaxlab.train.checkpoints import Checkpointer
 from flaxlab.train.config import ExperimentConfig
 from flaxlab.train.initialize import load_initial_weights, resolve_config
 from flaxlab.train.metrics import MetricsWriter, NullWriter, Progress, plot_curves, read_jsonl
@@ -263,7 +263,9 @@ class Estimator:
         _, state = self._restore_model_state(step)
         return nnx.merge(self.graphdef, self._model_params(state), state["rest"])
 
-    def _evaluate_state(self, state, eval_iterator) -> dict[str, float]:
+    def evaluate_state(self, state, eval_iterator) -> dict[str, float]:
+        """The task's summary of the evaluation metrics of ``state``'s model over
+        ``eval_iterator()``."""
         eval_step = self._model_step("evaluate")
         params, rest = self._model_params(state), state["rest"]
         sums: dict[str, Any] = {}
@@ -339,7 +341,7 @@ class Estimator:
                         pending = []
                         progress.log(step, means)
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                        writer.write(step, "eval", self._evaluate_state(state, eval_iterator))
+                        writer.write(step, "eval", self.evaluate_state(state, eval_iterator))
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                         pending = self._checked(pending, last_saved)
                         self._save(checkpointer, step, state, pending)
@@ -357,7 +359,7 @@ class Estimator:
                         )
                         return {}
             checkpointer.close()
-            final = self._evaluate_state(state, eval_iterator)
+            final = self.evaluate_state(state, eval_iterator)
             if not any(r["step"] == step and r["split"] == "eval" for r in read_jsonl(writer.path)):
                 writer.write(step, "eval", final)
             if self.primary:
@@ -453,7 +455,7 @@ class Estimator:
         """Evaluates one checkpoint (default: the newest readable) on the evaluation set."""
         found, state = self._restore_model_state(step)
         _, eval_iterator = make_data(self.config.data)
-        metrics = self._evaluate_state(state, eval_iterator)
+        metrics = self.evaluate_state(state, eval_iterator)
         MetricsWriter(self.workdir / "eval.jsonl").write(found, "eval", metrics)
         return found, metrics
 
@@ -461,45 +463,11 @@ class Estimator:
         """Evaluates every checkpoint as it appears (the first one included) and keeps the best
         ``train.keep_best`` copies under ``<workdir>/best``. Returns ``[(step, metrics)]`` when
         training is done and every checkpoint has been evaluated, or after
-        ``timeout_seconds`` without a new one.
+        ``timeout_seconds`` without a new one (:func:`flaxlab.train.watch.watch_checkpoints`).
         """
-        settings = self.config.task
-        done = set(self.run_dir.best_index(settings.best_metric)["evaluated"])
-        _, eval_iterator = make_data(self.config.data)
-        directory = self.run_dir.checkpoints
-        idle_since = time.monotonic()
-        results = []
-        while True:
-            steps = Checkpointer(directory, read_only=True).steps() if directory.is_dir() else []
-            new = [s for s in steps if s not in done]
-            for step in new:
-                try:
-                    _, state = self.restore_state(step, MODEL_ITEMS)
-                except CheckpointError as error:
-                    log.warning("%s; skipped", error)
-                    done.add(step)
-                    continue
-                metrics = self._evaluate_state(state, eval_iterator)
-                MetricsWriter(self.workdir / "eval.jsonl").write(step, "eval", metrics)
-                if settings.best_metric not in metrics:
-                    raise TrainingError(
-                        f"task.best_metric={settings.best_metric!r} is not an evaluation "
-                        f"metric; available: {sorted(metrics)}"
-                    )
-                self.run_dir.keep_best(
-                    step,
-                    metrics[settings.best_metric],
-                    metric=settings.best_metric,
-                    mode=settings.best_mode,
-                    keep=self.config.train.keep_best,
-                )
-                done.add(step)
-                results.append((step, metrics))
-                idle_since = time.monotonic()
-            finished = self.run_dir.read_status().get("state") in ("done", "failed") and not new
-            if finished or time.monotonic() - idle_since > timeout_seconds:
-                return results
-            time.sleep(poll_seconds)
+        from flaxlab.train.watch import watch_checkpoints
+
+        return watch_checkpoints(self, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
 
     def predict(self, data_config, output: str | Path, step: int | None = None) -> Path:
         """Writes ``task.predict`` over the evaluation split of ``data_config`` to an ``.npz``
