@@ -93,6 +93,41 @@ def test_head_is_zero_initialised_and_posemb_includes_class_slot():
     assert 0.01 < float(jnp.std(model.posemb[...])) < 0.03
 
 
+def sincos2d_numpy(h, w, dim):
+    """big_vision's posemb_sincos_2d, written independently in float64."""
+    q = dim // 4
+    omega = np.array([10000.0 ** (-k / (q - 1)) for k in range(q)])
+    rows = []
+    for y in range(h):
+        for x in range(w):
+            rows.append(
+                np.concatenate(
+                    [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]
+                )
+            )
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_sincos2d_position_embedding_init(classifier):
+    from flaxlab.models.vit import posemb_sincos2d
+
+    config = ViTConfig(**dict(TINY, classifier=classifier), posemb_init="sincos2d")
+    model = ViT(config, rngs=nnx.Rngs(0))
+    want = sincos2d_numpy(*config.grid_size, config.hidden_size)
+    got = np.asarray(model.posemb[...])[0]
+    if classifier == "token":  # the class-token slot starts at zero
+        np.testing.assert_array_equal(got[0], 0.0)
+        got = got[1:]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(posemb_sincos2d((3, 5), 8), sincos2d_numpy(3, 5, 8), atol=1e-6)
+    assert isinstance(model.posemb, nnx.Param)  # it keeps learning
+    with pytest.raises(ValueError, match="^posemb_init='fixed' is not supported; accepted"):
+        ViTConfig(**TINY, posemb_init="fixed")
+    with pytest.raises(ValueError, match="multiple of 4 and >= 8, got 18"):
+        ViTConfig(**dict(TINY, hidden_size=18, num_heads=2), posemb_init="sincos2d")
+
+
 def test_wrong_image_shape_and_dtype_name_both():
     model = ViT(ViTConfig(**TINY), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\[batch, 8, 12, 2\].*got shape \(1, 8, 8, 2\)"):

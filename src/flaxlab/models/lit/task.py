@@ -54,7 +54,7 @@ class LiTTaskConfig(TaskConfig):
     class_names: tuple[str, ...] = DIGIT_NAMES
     train_templates: tuple[str, ...] = TRAIN_TEMPLATES
     eval_templates: tuple[str, ...] = EVAL_TEMPLATES
-    image_train_steps: int = 2000
+    image_train_steps: int = 2500
     best_metric: str = "zeroshot_accuracy"
     best_mode: str = "max"
 

@@ -14,6 +14,7 @@ from flaxlab.models.vit.model import (
     ViTConfig,
     config_from_checkpoint,
     count_parameters,
+    posemb_sincos2d,
 )
 from flaxlab.models.vit.model import ViT as Model
 from flaxlab.models.vit.model import ViTConfig as Config
@@ -29,6 +30,7 @@ __all__ = [
     "config_from_checkpoint",
     "count_parameters",
     "load_pretrained",
+    "posemb_sincos2d",
     "resize_posemb",
     "vit_params_from_npz",
 ]

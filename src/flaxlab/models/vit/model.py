@@ -45,6 +45,23 @@ CLASSIFIERS = ("token", "gap")
 # (downsampling 16, then 1x1 patches) and 4 for /32.
 HYBRID_STEMS = {("R50", 16): (3, 4, 9), ("R50", 32): (3, 4, 6, 3), ("R26", 32): (2, 2, 2, 2)}
 CAPTURES = ("attention", "features")
+POSEMB_INITS = ("normal", "sincos2d")
+
+
+def posemb_sincos2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """The 2-D sine-cosine position table ``[grid_h * grid_w, dim]`` (float32), row-major over
+    the patch grid, as big_vision's ``posemb_sincos_2d``: with ``q = dim / 4`` frequencies
+    ``omega_k = temperature ** (-k / (q - 1))``, each row is ``[sin(x omega), cos(x omega),
+    sin(y omega), cos(y omega)]`` for the patch at column ``x`` and row ``y``."""
+    if dim % 4 or dim < 8:
+        raise ValueError(f"posemb_sincos2d needs dim a multiple of 4 and >= 8, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (np.arange(quarter) / (quarter - 1))
+    y, x = np.mgrid[: grid[0], : grid[1]]
+    x = x.reshape(-1, 1) * omega[None]
+    y = y.reshape(-1, 1) * omega[None]
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return table.astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +72,11 @@ class ViTConfig:
     encoder block in the backward pass; ``scan_layers`` runs the blocks with one
     ``jax.lax.scan`` (one block compiled). Neither changes the parameters or the results
     (:mod:`flaxlab.nn.layers_scan`).
+
+    ``posemb_init`` is how the learned position embedding starts: ``"normal"`` (N(0, 0.02),
+    the reference's) or ``"sincos2d"`` (:func:`posemb_sincos2d`, the fixed table of big_vision's
+    "Better plain ViT baselines", here as a starting point that keeps learning; the class-token
+    slot starts at zero). Checkpoints are the same either way.
     """
 
     num_classes: int = 10
@@ -75,6 +97,7 @@ class ViTConfig:
     resnet_width: float = 1.0
     remat: str = "none"
     scan_layers: bool = False
+    posemb_init: str = "normal"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", to_pair(self.image_size, "image_size"))
@@ -86,6 +109,15 @@ class ViTConfig:
                 f"classifier={self.classifier!r} is not supported; accepted: {list(CLASSIFIERS)}"
             )
         check_remat(self.remat)
+        if self.posemb_init not in POSEMB_INITS:
+            raise ValueError(
+                f"posemb_init={self.posemb_init!r} is not supported; accepted: {list(POSEMB_INITS)}"
+            )
+        if self.posemb_init == "sincos2d" and (self.hidden_size % 4 or self.hidden_size < 8):
+            raise ValueError(
+                f"posemb_init='sincos2d' needs hidden_size a multiple of 4 and >= 8, got "
+                f"{self.hidden_size}"
+            )
         if self.resnet_layers is not None:
             object.__setattr__(self, "resnet_layers", tuple(int(n) for n in self.resnet_layers))
         scale = self.downsampling
@@ -170,9 +202,12 @@ class ViT(nnx.Module):
         if c.classifier == "token":
             self.cls = nnx.Param(jnp.zeros((1, 1, c.hidden_size)))
             num_tokens += 1
-        self.posemb = nnx.Param(
-            nnx.initializers.normal(stddev=0.02)(rngs.params(), (1, num_tokens, c.hidden_size))
-        )
+        posemb = nnx.initializers.normal(stddev=0.02)(rngs.params(), (1, num_tokens, c.hidden_size))
+        if c.posemb_init == "sincos2d":
+            table = posemb_sincos2d(c.grid_size, c.hidden_size)
+            prefix = num_tokens - table.shape[0]  # the class-token slot starts at zero
+            posemb = jnp.pad(jnp.asarray(table), ((prefix, 0), (0, 0)))[None]
+        self.posemb = nnx.Param(posemb)
         self.dropout = nnx.Dropout(c.dropout_rate)
         self.encoder = self.make_encoder(rngs)
         if c.representation_size is not None:
