@@ -1,8 +1,8 @@
 """What the memory and compile-time switches buy: remat policies and scan over layers.
 
 For a ViT of B/16's width, heads and MLP (768, 12, 3072) at depth 12 on the 8x8 digits with
-patch 1 and a class token (65 tokens), batch 32, AdamW, on one device, for every ``model.remat`` policy with and without
-``model.scan_layers``, in one process:
+patch 1 and a class token (65 tokens), batch 32, AdamW, on one device, for every
+``model.remat`` policy with and without ``model.scan_layers``, in one process:
 
 * activations: the temporary bytes of the compiled gradient program (``flaxlab plan``'s row);
 * the whole compiled train step's bytes (arguments + outputs - donated + temporaries);

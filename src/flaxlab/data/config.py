@@ -38,7 +38,8 @@ class DataConfig:
       augreg: one of the AugReg paper's settings (``none``, ``light1``, ``light2``,
         ``medium1``, ``medium2``, ``strong1``, ``strong2``): Inception crop, flip,
         RandAugment and Mixup as the reference (it overrides those four fields; dropout and
-        stochastic depth stay the model's, 0.0 or 0.1 in the paper).
+        stochastic depth stay the model's, 0.0 or 0.1 in the paper). ``none`` is the
+        paper's setting (Inception crop and flip only); ``--set data.augreg=null`` unsets it.
       seed: data order and augmentation seed.
       seq_len: sequence length for text tasks.
     """

@@ -250,6 +250,9 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- --set overrides
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# Optional fields for which "none" is a value (AugReg's setting "none": Inception crop and flip
+# only); only "null" unsets them.
+NONE_IS_A_VALUE = ("data.augreg",)
 
 
 def parse_value(text: str, hint, field: str):
@@ -257,7 +260,8 @@ def parse_value(text: str, hint, field: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if text.strip().lower() in ("none", "null") and len(args) < len(typing.get_args(hint)):
+        unset = ("null",) if field in NONE_IS_A_VALUE else ("none", "null")
+        if text.strip().lower() in unset and len(args) < len(typing.get_args(hint)):
             return None
         errors = []
         for arg in args:
