@@ -102,7 +102,6 @@ def row(figure, value, unit, note="", **extra):
 
 def section_vit(sizes: Sizes, budget: float):
     from flaxlab.models import ViTConfig
-    from flaxlab.optim.factory import OptimizerConfig
     from flaxlab.train import DataConfig, ExperimentConfig, TrainConfig
 
     rng = np.random.default_rng(0)
@@ -118,14 +117,7 @@ def section_vit(sizes: Sizes, budget: float):
             family="vit",
             model=model,
             data=DataConfig(batch_size=batch),
-            optimizer=OptimizerConfig(
-                name="adamw",
-                learning_rate=1e-3,
-                warmup_steps=0,
-                decay="constant",
-                weight_decay=1e-4,
-                grad_clip_norm=1.0,
-            ),
+            optimizer=parts.adamw_config(),
             train=TrainConfig(steps=10**6),
         )
         try:

@@ -138,6 +138,21 @@ def interleaved_median(
     }
 
 
+def adamw_config():
+    """The optimizer of the training benchmarks: AdamW at a constant 1e-3, weight decay 1e-4 on
+    kernels, global-norm clipping at 1."""
+    from flaxlab.optim.factory import OptimizerConfig
+
+    return OptimizerConfig(
+        name="adamw",
+        learning_rate=1e-3,
+        warmup_steps=0,
+        decay="constant",
+        weight_decay=1e-4,
+        grad_clip_norm=1.0,
+    )
+
+
 def vit_forward_flops(config) -> float:
     """Forward FLOPs of one image through a ViT (a multiply-add is 2 FLOPs): patch embedding,
     per block the q/k/v/out projections (8 T D^2), scores and weighted sum (4 T^2 D) and the MLP

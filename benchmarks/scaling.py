@@ -50,9 +50,9 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import gpu_suite_parts as parts  # noqa: E402
 from flaxlab.models import ViTConfig  # noqa: E402
 from flaxlab.models.vmoe import MoeConfig, VMoEConfig  # noqa: E402
-from flaxlab.optim.factory import OptimizerConfig  # noqa: E402
 from flaxlab.train import DataConfig, Estimator, ExperimentConfig, TrainConfig  # noqa: E402
 from flaxlab.train.sharding import MeshConfig, shard_batch  # noqa: E402
 
@@ -113,14 +113,7 @@ def experiment(family, model, mesh: MeshConfig, batch: int) -> ExperimentConfig:
         family=family,
         model=model,
         data=DataConfig(batch_size=batch),
-        optimizer=OptimizerConfig(
-            name="adamw",
-            learning_rate=1e-3,
-            warmup_steps=0,
-            decay="constant",
-            weight_decay=1e-4,
-            grad_clip_norm=1.0,
-        ),
+        optimizer=parts.adamw_config(),
         train=TrainConfig(steps=1000),
         mesh=mesh,
     )
